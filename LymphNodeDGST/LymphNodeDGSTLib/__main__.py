@@ -1,0 +1,8 @@
+"""`python -m LymphNodeDGSTLib` runs the `lndgst` command line."""
+
+import sys
+
+from LymphNodeDGSTLib.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Model archives from URLs and zips: streamed, resumable, verified, extracted safely."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from tqdm import tqdm
+
+from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
+
+CHUNK = 1 << 20
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://"))
+
+
+def download(url: str, destination: Path, sha256: str | None = None, show_progress: bool = True,
+             timeout: float = 60.0) -> Path:
+    """Stream `url` to `destination` via `destination.part`; resume a previous partial download.
+
+    The final name appears only once the download is complete (and verified, when `sha256` is
+    given), so an interrupted download never looks like a finished one.
+    """
+    partial = destination.with_name(destination.name + ".part")
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) only
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # the partial file is already complete
+            return _finish(partial, destination, sha256)
+        raise UserInputError(f"download failed: {url}: HTTP {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise UserInputError(f"download failed: {url}: {getattr(error, 'reason', error)}") from None
+    with response:
+        resumed = offset and response.status == 206
+        mode = "ab" if resumed else "wb"
+        length = response.headers.get("Content-Length")
+        total = (int(length) + (offset if resumed else 0)) if length else None
+        with open(partial, mode) as handle, tqdm(total=total, initial=offset if resumed else 0,
+                                                 unit="B", unit_scale=True, desc="download",
+                                                 disable=not show_progress) as bar:
+            try:
+                for block in iter(lambda: response.read(CHUNK), b""):
+                    handle.write(block)
+                    bar.update(len(block))
+            except OSError as error:
+                raise UserInputError(f"download interrupted: {url}: {error}; run the same "
+                                     "command again to resume") from None
+    if total is not None and partial.stat().st_size != total:
+        raise UserInputError(f"download incomplete: {url} ({partial.stat().st_size} of {total} "
+                             "bytes); run the same command again to resume")
+    return _finish(partial, destination, sha256)
+
+
+def _finish(partial: Path, destination: Path, sha256: str | None) -> Path:
+    if sha256:
+        actual = file_sha256(partial)
+        if actual.lower() != sha256.lower():
+            partial.unlink(missing_ok=True)
+            raise UserInputError(f"checksum mismatch: expected sha256 {sha256}, got {actual}; "
+                                 "the download was discarded")
+    os.replace(partial, destination)
+    return destination
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, sha256: str) -> None:
+    actual = file_sha256(path)
+    if actual.lower() != sha256.lower():
+        raise UserInputError(f"checksum mismatch for {path}: expected sha256 {sha256}, got {actual}")
+
+
+def extract_zip_safely(archive: Path, destination: Path,
+                       progress: Callable[[int, int], None] | None = None) -> None:
+    """Extract a zip, refusing absolute paths, `..` components and links before writing anything."""
+    try:
+        bundle = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ModelValidationError(f"{archive}: not a valid zip archive ({error})") from None
+    with bundle:
+        members = bundle.infolist()
+        for member in members:
+            name = member.filename.replace("\\", "/")
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+                raise ModelValidationError(
+                    f"{archive}: refused, entry '{member.filename}' would be written outside the "
+                    "destination folder")
+            if (member.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ModelValidationError(f"{archive}: refused, entry '{member.filename}' is a "
+                                           "symbolic link")
+        try:
+            for index, member in enumerate(members):
+                target = destination / member.filename
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with bundle.open(member) as source, open(target, "wb") as sink:
+                        shutil.copyfileobj(source, sink, CHUNK)
+                if progress:
+                    progress(index + 1, len(members))
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+            raise ModelValidationError(f"{archive}: corrupt zip archive ({error})") from None
