@@ -11,6 +11,9 @@ import SimpleITK as sitk
 from LymphNodeDGSTLib.atomic import temporary_sibling
 from LymphNodeDGSTLib.errors import UserInputError
 
+# ITK's own warnings go to stderr unasked and would break "one clear line" error output.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
+
 # Extensions SimpleITK writes and that keep full 3D geometry.
 WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
