@@ -117,7 +117,7 @@ def _load_command_modules() -> None:
     """Import the modules that register extra sub-commands (kept out of `import cli`)."""
     import importlib
 
-    for name in ("cases_cli", "adapt_cli", "phantom_cli"):
+    for name in ("cases_cli", "adapt_cli", "jobs_cli", "phantom_cli", "bench_cli"):
         try:
             importlib.import_module(f"LymphNodeDGSTLib.{name}")
         except ModuleNotFoundError as error:
