@@ -177,6 +177,20 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = CONFIGUR
     )
 
 
+def cpu_state_dict(state: dict) -> dict:
+    """A detached CPU copy of a state_dict that keeps aliasing: nnU-Net's networks register each
+    convolution under several names, and copying each name separately would triple the file."""
+    copies: dict[tuple, torch.Tensor] = {}
+    result = {}
+    for key, value in state.items():
+        alias = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+                 tuple(value.shape), tuple(value.stride()), value.dtype)
+        if alias not in copies:
+            copies[alias] = value.detach().to("cpu", copy=True)
+        result[key] = copies[alias]
+    return result
+
+
 def checkpoint_dict(network_weights: dict, plans: dict, dataset_json: dict,
                     configuration: str = CONFIGURATION, fold: int | str = 0,
                     trainer_name: str = "nnUNetTrainer",
@@ -184,7 +198,7 @@ def checkpoint_dict(network_weights: dict, plans: dict, dataset_json: dict,
                     extra: dict | None = None) -> dict:
     """A checkpoint laid out like nnU-Net's own `save_checkpoint` writes it."""
     checkpoint = {
-        "network_weights": {k: v.detach().cpu().clone() for k, v in network_weights.items()},
+        "network_weights": cpu_state_dict(network_weights),
         "optimizer_state": None,
         "grad_scaler_state": None,
         "logging": {},

@@ -89,7 +89,7 @@ class Segmenter:
     def loaded_version(self) -> ModelVersion | None:
         return self._loaded
 
-    def segment(self, image: sitk.Image, model: str | None = None, fast: bool = False,
+    def segment(self, image: sitk.Image, model: str | ModelVersion | None = None, fast: bool = False,
                 crop_body: bool = True, progress: ProgressCallback | None = None,
                 cancel_event: threading.Event | None = None) -> SegmentationResult:
         """A label image on `image`'s exact grid (size, spacing, origin, direction)."""
@@ -105,12 +105,14 @@ class Segmenter:
                                   time.perf_counter() - started, body_fraction, warnings)
 
     def segment_array(self, array_zyx: np.ndarray, spacing_zyx: Sequence[float],
-                      model: str | None = None, fast: bool = False, crop_body: bool = True,
+                      model: str | ModelVersion | None = None, fast: bool = False, crop_body: bool = True,
                       progress: ProgressCallback | None = None,
                       cancel_event: threading.Event | None = None) -> tuple[np.ndarray, float | None]:
         """Label array (z, y, x, uint8) for a CT array in SimpleITK's axis order, and the share of
-        voxels inside the body crop (None when not cropped)."""
-        predictor = self._predictor_for(self.store.resolve(model), progress)
+        voxels inside the body crop (None when not cropped). `model` is a spec ('NAME',
+        'NAME@N', None for the only model) or a ModelVersion (e.g. one not yet published)."""
+        version = model if isinstance(model, ModelVersion) else self.store.resolve(model)
+        predictor = self._predictor_for(version, progress)
         predictor.use_mirroring = not fast
         predictor.progress, predictor.cancel_event = progress, cancel_event
         box = find_body_box(array_zyx, spacing_zyx) if crop_body else None

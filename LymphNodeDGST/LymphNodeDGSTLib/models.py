@@ -152,8 +152,10 @@ class ModelStore:
         return folder / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".zip")
 
     def add_version(self, name: str, results_folder: str | os.PathLike, metadata: dict,
-                    info: ResultsFolderInfo | None = None, activate_if_first: bool = True) -> ModelVersion:
-        """Copy a validated results folder in as the next version of `name` (created if new)."""
+                    info: ResultsFolderInfo | None = None, activate_if_first: bool = True,
+                    extra_files: tuple[str, ...] = ()) -> ModelVersion:
+        """Copy a validated results folder in as the next version of `name` (created if new),
+        with `extra_files` (names inside the results folder, e.g. a report) beside it."""
         parse_model_spec(name)
         results_folder = Path(results_folder)
         info = info or validate_results_folder(results_folder)
@@ -161,6 +163,8 @@ class ModelStore:
         versions_dir.mkdir(parents=True, exist_ok=True)
         with staging_folder(versions_dir, ".new-") as staged:
             copy_results_folder(results_folder, staged)
+            for extra in extra_files:
+                shutil.copy2(results_folder / extra, staged / extra)
             record = {
                 "name": name,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

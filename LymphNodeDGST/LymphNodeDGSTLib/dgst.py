@@ -1,0 +1,678 @@
+"""Sparse update policies and the masked optimiser step of DGST fine-tuning.
+
+A *policy* answers, once per iteration and after the backward pass, "which entries of which
+parameters may change in this step". A `MaskedStepper` then applies any torch optimiser (SGD with
+momentum/Nesterov/weight decay, Adam, AdamW, ...) so that every entry the policy did not allow is
+bitwise unchanged by the step: it masks the gradient (so clipping and the optimiser state see the
+gradient that is really applied) *and* restores the disallowed entries after the optimiser's
+update (so momentum and weight decay cannot move them).
+
+Policies (`make_policy(name, network, ...)`):
+  dgst    top-`gamma` entries by |grad| per output filter of every convolution, re-selected every
+          step, plus the always-trained set (norm affine parameters, all biases, `seg_layers`)
+  random  `gamma` random entries per output filter, re-drawn every step, plus the always-trained set
+  static  `gamma` entries per output filter chosen once from |grad| summed over the first
+          `warmup_steps` applied steps (only the always-trained set moves meanwhile), then fixed
+  bias    all biases + `seg_layers` (BitFit)
+  norm    norm affine parameters + `seg_layers`
+  full    everything
+  lora    PEFT LoRA adapters on every convolution outside `seg_layers` + biases + `seg_layers`;
+          `merge_lora` folds them back into plain convolution weights
+
+Use in a training step (nnU-Net's train_step, with or without a GradScaler)::
+
+    policy = make_policy("dgst", network, gamma=2)          # after loading the foundation weights
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1e-3, momentum=0.99,
+                                nesterov=True, weight_decay=3e-5)
+    stepper = MaskedStepper(policy, max_grad_norm=12.0)
+    ...
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        report = stepper.step(optimizer)            # select, mask, clip, step, restore
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)                  # optional: step() unscales if you did not
+        report = stepper.step(optimizer, scaler)    # calls scaler.step(optimizer) itself
+        scaler.update()
+    report.entries_updated                          # entries allowed to change in this step
+
+Selection ties: exactly min(gamma, filter size) entries are chosen in every filter; among equal
+scores the entry with the lowest position in the filter (row-major over input channel and kernel
+position) wins, on every device.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+POLICY_NAMES = ("dgst", "random", "static", "bias", "norm", "full", "lora")
+SEG_LAYERS = "seg_layers"
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t for t in (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", None))
+    if t is not None
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output filters of convolution weights
+
+@dataclass(frozen=True)
+class FilterLayout:
+    """How a convolution weight splits into output filters (kernels).
+
+    Conv weights are `[out, in/groups, *k]` (filter = dim 0); transposed-conv weights are
+    `[in, out/groups, *k]` (filter = dim 1 within each group).
+    """
+
+    shape: torch.Size
+    transposed: bool
+    groups: int = 1
+
+    @classmethod
+    def of(cls, conv: _ConvNd) -> "FilterLayout":
+        return cls(conv.weight.shape, bool(conv.transposed), int(conv.groups))
+
+    @property
+    def n_filters(self) -> int:
+        return self.shape[1] * self.groups if self.transposed else self.shape[0]
+
+    @property
+    def filter_size(self) -> int:
+        return self.shape.numel() // self.n_filters
+
+    def to_filters(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`[n_filters, filter_size]`: a view for convolutions, a copy for transposed ones."""
+        if not self.transposed:
+            return tensor.reshape(self.n_filters, self.filter_size)
+        g = self.groups
+        in_per_group, out_per_group = self.shape[0] // g, self.shape[1]
+        grouped = tensor.reshape(g, in_per_group, out_per_group, -1).transpose(1, 2)
+        return grouped.reshape(self.n_filters, self.filter_size)
+
+    def from_filters(self, filters: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_filters`: back to the weight's own shape."""
+        if not self.transposed:
+            return filters.reshape(self.shape)
+        g = self.groups
+        in_per_group, out_per_group = self.shape[0] // g, self.shape[1]
+        grouped = filters.reshape(g, out_per_group, in_per_group, -1).transpose(1, 2)
+        return grouped.reshape(self.shape)
+
+
+ITERATIVE_MAX_LIMIT = 8  # up to this gamma, k row-wise max passes beat one topk
+
+
+def top_gamma_mask(scores: torch.Tensor, gamma: int, overwrite_scores: bool = False) -> torch.Tensor:
+    """Boolean mask of the `gamma` largest scores in every row of a 2-D tensor.
+
+    Exactly `min(gamma, row length)` entries per row; among equal scores the lowest column index
+    wins. O(numel), no sort and no one-hot matrix: for small gamma, gamma passes of a row-wise
+    `max` (which returns the first maximal index) with a scatter after each; otherwise one `topk`
+    for the per-row threshold plus elementwise passes. Scores must not hold NaN or -inf.
+    With `overwrite_scores` the function may use `scores` as scratch space.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [filters, entries], got shape {tuple(scores.shape)}")
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    row_length = scores.shape[1]
+    k = min(int(gamma), row_length)
+    if k == row_length:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= ITERATIVE_MAX_LIMIT:
+        remaining = scores if overwrite_scores else scores.clone()
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        for _ in range(k):
+            index = remaining.max(dim=1, keepdim=True).indices
+            mask.scatter_(1, index, True)
+            remaining.scatter_(1, index, float("-inf"))
+        return mask
+    threshold = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = scores > threshold
+    at_threshold = scores == threshold
+    still_needed = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
+    order_at_threshold = at_threshold.cumsum(dim=1, dtype=torch.int32)
+    return above | (at_threshold & (order_at_threshold <= still_needed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter roles
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of the network and the roles that decide how policies treat it."""
+
+    name: str
+    parameter: nn.Parameter = field(repr=False)
+    is_bias: bool
+    is_norm: bool
+    in_seg_layers: bool
+    layout: FilterLayout | None  # set for convolution weights
+
+    @property
+    def always_trained(self) -> bool:
+        """Norm affine parameters, all biases and the segmentation heads."""
+        return self.is_bias or self.is_norm or self.in_seg_layers
+
+
+def describe_parameters(network: nn.Module) -> list[ParameterInfo]:
+    """Every parameter of `network` (shared ones once), named as `named_parameters()` names it."""
+    infos: list[ParameterInfo] = []
+    seen: set[int] = set()
+    for module_name, module in network.named_modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            name = f"{module_name}.{parameter_name}" if module_name else parameter_name
+            is_conv_weight = isinstance(module, _ConvNd) and parameter_name == "weight"
+            infos.append(ParameterInfo(
+                name=name,
+                parameter=parameter,
+                is_bias=parameter_name == "bias",
+                is_norm=isinstance(module, _NORM_TYPES),
+                in_seg_layers=SEG_LAYERS in name.split("."),
+                layout=FilterLayout.of(module) if is_conv_weight else None,
+            ))
+    return infos
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies
+
+@dataclass
+class StepPlan:
+    """What may change in one step: whole tensors, and tensors restricted to a boolean mask."""
+
+    whole: list[nn.Parameter] = field(default_factory=list)
+    masked: list[tuple[nn.Parameter, torch.Tensor, int]] = field(default_factory=list)  # (p, mask, count)
+
+
+class UpdatePolicy:
+    """Base class: decides which parameters the optimiser holds and what each step may change.
+
+    Constructing a policy sets `requires_grad` on the network: True for what it may train,
+    False for the rest (so backward skips gradients nobody uses).
+    """
+
+    name = "base"
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+        self.infos = describe_parameters(network)
+
+    def _freeze_all_but(self, trainable: Iterable[ParameterInfo]) -> None:
+        keep = {id(info.parameter) for info in trainable}
+        for info in self.infos:
+            info.parameter.requires_grad_(id(info.parameter) in keep)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimiser."""
+        raise NotImplementedError
+
+    def plan(self) -> StepPlan:
+        """Called after backward (gradients unscaled): what may change in this step."""
+        raise NotImplementedError
+
+    def after_step(self, stepped: bool) -> None:
+        """Called after the optimiser step; `stepped` is False when a GradScaler skipped it."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> dict:
+        """Counts for the log: parameters in the network, trainable, and changed per step."""
+        total = sum(info.parameter.numel() for info in self.infos)
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        return {"policy": self.name, "parameters": total, "trainable_parameters": trainable,
+                "max_entries_per_step": self.max_entries_per_step()}
+
+    def max_entries_per_step(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+
+class WholeTensorPolicy(UpdatePolicy):
+    """Trains a fixed subset of whole parameters (BitFit, norm-only, full fine-tuning)."""
+
+    def __init__(self, network: nn.Module, name: str, rule: Callable[[ParameterInfo], bool]) -> None:
+        super().__init__(network)
+        self.name = name
+        self.trained = [info for info in self.infos if rule(info)]
+        self._freeze_all_but(self.trained)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [info.parameter for info in self.trained]
+
+    def plan(self) -> StepPlan:
+        return StepPlan(whole=self.trainable_parameters())
+
+
+class SparseFilterPolicy(UpdatePolicy):
+    """`gamma` entries per output filter of every convolution + the always-trained set.
+
+    Subclasses decide which entries (`select`).
+    """
+
+    name = "sparse"
+
+    def __init__(self, network: nn.Module, gamma: int = 2) -> None:
+        super().__init__(network)
+        if int(gamma) < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        self.gamma = int(gamma)
+        self.always = [info for info in self.infos if info.always_trained]
+        self.sparse = [info for info in self.infos
+                       if info.layout is not None and not info.always_trained]
+        self._freeze_all_but(self.always + self.sparse)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [info.parameter for info in self.always + self.sparse]
+
+    def entries_in(self, info: ParameterInfo) -> int:
+        assert info.layout is not None
+        return info.layout.n_filters * min(self.gamma, info.layout.filter_size)
+
+    def max_entries_per_step(self) -> int:
+        return (sum(info.parameter.numel() for info in self.always)
+                + sum(self.entries_in(info) for info in self.sparse))
+
+    def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        """Masks (in the weight's own shape) for the convolution weights allowed in this step."""
+        raise NotImplementedError
+
+    def plan(self) -> StepPlan:
+        masked = [(info.parameter, mask, self.entries_in(info)) for info, mask in self.select()]
+        return StepPlan(whole=[info.parameter for info in self.always], masked=masked)
+
+    def _mask_from_scores(self, info: ParameterInfo, scores: torch.Tensor) -> torch.Tensor:
+        """Mask in the weight's shape; `scores` ([filters, entries], owned by us) is overwritten."""
+        assert info.layout is not None
+        return info.layout.from_filters(top_gamma_mask(scores, self.gamma, overwrite_scores=True))
+
+    def _gradient_scores(self, info: ParameterInfo, gradient: torch.Tensor) -> torch.Tensor:
+        assert info.layout is not None
+        scores = info.layout.to_filters(gradient.abs())
+        return scores.nan_to_num_(nan=float("inf"))
+
+
+class DynamicTopGammaPolicy(SparseFilterPolicy):
+    """DGST: the `gamma` entries with the largest |grad| per output filter, re-selected every step."""
+
+    name = "dgst"
+
+    def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        masks = []
+        for info in self.sparse:
+            gradient = info.parameter.grad
+            if gradient is not None:
+                masks.append((info, self._mask_from_scores(info, self._gradient_scores(info, gradient))))
+        return masks
+
+
+class RandomPolicy(SparseFilterPolicy):
+    """`gamma` random entries per output filter, re-drawn every step from a seeded generator."""
+
+    name = "random"
+
+    def __init__(self, network: nn.Module, gamma: int = 2, seed: int = 0) -> None:
+        super().__init__(network, gamma)
+        self.seed = int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        masks = []
+        for info in self.sparse:
+            parameter = info.parameter
+            if parameter.grad is None:
+                continue
+            assert info.layout is not None
+            scores = torch.rand(info.layout.n_filters, info.layout.filter_size,
+                                generator=self._generator(parameter.device), device=parameter.device)
+            masks.append((info, self._mask_from_scores(info, scores)))
+        return masks
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed,
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self._generators = {}
+        for device_name, generator_state in state.get("generators", {}).items():
+            self._generator(torch.device(device_name)).set_state(generator_state)
+
+
+class StaticPolicy(SparseFilterPolicy):
+    """GPS-style: `gamma` entries per filter chosen once from |grad| summed over the first
+    `warmup_steps` applied steps, then fixed. During warm-up only the always-trained set moves."""
+
+    name = "static"
+
+    def __init__(self, network: nn.Module, gamma: int = 2, warmup_steps: int = 10) -> None:
+        super().__init__(network, gamma)
+        if int(warmup_steps) < 1:
+            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_seen = 0
+        self._accumulated: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] | None = None
+        self.fixed_masks: dict[str, torch.Tensor] | None = None
+
+    def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        if self.fixed_masks is not None:
+            return [(info, self.fixed_masks[info.name]) for info in self.sparse
+                    if info.name in self.fixed_masks and info.parameter.grad is not None]
+        # Warm-up: sum |grad|, but only commit it in after_step, so a step the GradScaler skips
+        # (non-finite gradients) does not poison the sum.
+        pending = {}
+        for info in self.sparse:
+            gradient = info.parameter.grad
+            if gradient is None:
+                continue
+            scores = self._gradient_scores(info, gradient)
+            previous = self._accumulated.get(info.name)
+            pending[info.name] = scores if previous is None else previous + scores
+        self._pending = pending
+        return []
+
+    def after_step(self, stepped: bool) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or not stepped:
+            return
+        self._accumulated.update(pending)
+        self.warmup_seen += 1
+        if self.warmup_seen >= self.warmup_steps:
+            by_name = {info.name: info for info in self.sparse}
+            self.fixed_masks = {name: self._mask_from_scores(by_name[name], scores)
+                                for name, scores in self._accumulated.items()}
+            self._accumulated = {}
+
+    def state_dict(self) -> dict:
+        return {"warmup_seen": self.warmup_seen,
+                "accumulated": {k: v.detach().cpu() for k, v in self._accumulated.items()},
+                "fixed_masks": None if self.fixed_masks is None
+                else {k: v.cpu() for k, v in self.fixed_masks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        devices = {info.name: info.parameter.device for info in self.sparse}
+        self.warmup_seen = int(state["warmup_seen"])
+        self._accumulated = {k: v.to(devices[k]) for k, v in state["accumulated"].items()}
+        fixed = state["fixed_masks"]
+        self.fixed_masks = None if fixed is None else {k: v.to(devices[k]) for k, v in fixed.items()}
+        self._pending = None
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (PEFT)
+
+def _lora_conv_transpose_class() -> type:
+    """A PEFT LoRA layer for transposed convolutions, which PEFT itself does not support.
+
+    A is a transposed convolution `in -> r` with the base layer's kernel, stride and padding; B is
+    a pointwise transposed convolution `r -> out`. Both are linear, so
+    `delta_W[i, o, ...] = scaling * sum_r A[i, r, ...] * B[r, o]` reproduces B(A(x)) exactly.
+    """
+    from peft.tuners.lora.layer import _ConvNd as LoraConvNd
+
+    class LoraConvTranspose(LoraConvNd):
+        def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+            target = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+            if target.groups != 1:
+                raise ValueError("LoRA on grouped transposed convolutions is not supported")
+            super().__init__(base_layer, adapter_name, **kwargs)
+            self.conv_fn = getattr(torch.nn.functional, f"conv_transpose{self._kernel_dim - 2}d")
+            lora_a = self.lora_A[adapter_name]
+            lora_a.output_padding, lora_a.dilation = target.output_padding, target.dilation
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_channels, module.out_channels
+
+        @property
+        def lora_variants(self) -> dict:
+            return {(): None}
+
+        def get_delta_weight(self, adapter: str) -> torch.Tensor:
+            weight_a = self.lora_A[adapter].weight  # [in, r, *k]
+            weight_b = self.lora_B[adapter].weight.flatten(1)  # [r, out]
+            dtype = self.get_base_layer().weight.dtype
+            delta = torch.einsum("ir...,ro->io...", weight_a.float(), weight_b.float())
+            return (delta * self.scaling[adapter]).to(dtype)
+
+    return LoraConvTranspose
+
+
+def _replace_modules_everywhere(network: nn.Module, replacements: dict[int, nn.Module],
+                                skip_parents: set[int] = frozenset()) -> None:
+    """Point every reference to a replaced module at its replacement.
+
+    nnU-Net's blocks hold each convolution twice (`conv` and `all_modules.0`, the one forward
+    uses), and the decoder holds the encoder; PEFT only swaps the first name it sees.
+    """
+    for parent in list(network.modules()):
+        if id(parent) in skip_parents:
+            continue
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[child_name] = replacements[id(child)]
+
+
+def inject_lora(network: nn.Module, rank: int = 32, alpha: float = 16, dropout: float = 0.1) -> nn.Module:
+    """Insert PEFT LoRA adapters (in place) on every convolution outside `seg_layers`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    originals = {name: module for name, module in network.named_modules()
+                 if isinstance(module, _ConvNd) and SEG_LAYERS not in name.split(".")}
+    if not originals:
+        raise ValueError("the network has no convolution to put LoRA adapters on")
+    config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=float(dropout),
+                        target_modules=list(originals), bias="none")
+    transpose_layer = _lora_conv_transpose_class()
+    config._register_custom_module({nn.ConvTranspose1d: transpose_layer,
+                                    nn.ConvTranspose2d: transpose_layer,
+                                    nn.ConvTranspose3d: transpose_layer})
+    inject_adapter_in_model(config, network)
+    wrappers = {id(module): network.get_submodule(name) for name, module in originals.items()}
+    _replace_modules_everywhere(network, wrappers, skip_parents={id(w) for w in wrappers.values()})
+    return network
+
+
+def merge_lora(network: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base convolution, in place; returns the plain network.
+
+    Afterwards the state_dict has exactly the keys of the network before `inject_lora`, and
+    inference needs no PEFT.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    bases = {}
+    for module in network.modules():
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            bases[id(module)] = module.get_base_layer()
+    _replace_modules_everywhere(network, bases)
+    return network
+
+
+def merged_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain state_dict (original keys) of a LoRA-injected network; the network is untouched."""
+    return merge_lora(copy.deepcopy(network)).state_dict()
+
+
+class LoRAPolicy(WholeTensorPolicy):
+    """LoRA adapters (PEFT) on every convolution + all biases + `seg_layers`.
+
+    Build it after loading the foundation weights: it changes the network's modules and keys.
+    Call `merge_lora(network)` (or `merged_state_dict`) before saving a plain nnU-Net checkpoint.
+    """
+
+    def __init__(self, network: nn.Module, rank: int = 32, alpha: float = 16,
+                 dropout: float = 0.1) -> None:
+        inject_lora(network, rank=rank, alpha=alpha, dropout=dropout)
+        self.rank, self.alpha, self.dropout = int(rank), alpha, float(dropout)
+        super().__init__(network, "lora", lambda info: (
+            ".lora_" in f".{info.name}" or info.is_bias or info.in_seg_layers))
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+
+def make_policy(name: str, network: nn.Module, gamma: int = 2, seed: int = 0,
+                warmup_steps: int = 10, lora_rank: int = 32, lora_alpha: float = 16,
+                lora_dropout: float = 0.1) -> UpdatePolicy:
+    """The update policy called `name` (one of POLICY_NAMES) for `network`."""
+    if name == "dgst":
+        return DynamicTopGammaPolicy(network, gamma)
+    if name == "random":
+        return RandomPolicy(network, gamma, seed=seed)
+    if name == "static":
+        return StaticPolicy(network, gamma, warmup_steps=warmup_steps)
+    if name == "bias":
+        return WholeTensorPolicy(network, "bias", lambda i: i.is_bias or i.in_seg_layers)
+    if name == "norm":
+        return WholeTensorPolicy(network, "norm", lambda i: i.is_norm or i.in_seg_layers)
+    if name == "full":
+        return WholeTensorPolicy(network, "full", lambda i: True)
+    if name == "lora":
+        return LoRAPolicy(network, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    raise ValueError(f"unknown update policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The masked step
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one `MaskedStepper.step` did."""
+
+    stepped: bool                 # False when a GradScaler skipped the step (non-finite gradients)
+    entries_updated: int          # entries the step was allowed to change (0 when skipped)
+    sparse_entries: int           # of which selected entries of partially trained tensors
+    grad_norm: float | None       # norm of the applied gradients, when clipping
+
+
+class MaskedStepper:
+    """Runs an optimiser step that changes only what the policy allows, bitwise.
+
+    Per step: ask the policy for the plan; drop the gradients of parameters not allowed at all
+    (torch optimisers skip parameters whose grad is None); zero the gradients of disallowed
+    entries; add the optional L2-to-foundation gradient `foundation_l2 * (w - w_foundation)` on
+    the allowed entries; clip the applied gradients; snapshot the partially allowed tensors; step;
+    copy the snapshot back into every disallowed entry. The optimiser state of a disallowed entry
+    evolves as the optimiser makes it with a zero gradient (momentum decays), its value never.
+    """
+
+    def __init__(self, policy: UpdatePolicy, max_grad_norm: float | None = None,
+                 foundation_l2: float = 0.0) -> None:
+        self.policy = policy
+        self.max_grad_norm = max_grad_norm
+        self.foundation_l2 = float(foundation_l2)
+        self.foundation: dict[int, torch.Tensor] = {}
+        if self.foundation_l2 > 0:
+            self.foundation = {id(p): p.detach().clone() for p in policy.trainable_parameters()}
+        self.entries_history: list[int] = []
+        self.steps = 0
+        self.steps_applied = 0
+
+    @property
+    def total_entries_updated(self) -> int:
+        return sum(self.entries_history)
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None" = None) -> StepReport:
+        """Select, mask, clip, step (through `scaler` when given) and restore. Call after backward."""
+        if scaler is not None:
+            _unscale_once(scaler, optimizer)
+        plan = self.policy.plan()
+        whole = [p for p in plan.whole if p.grad is not None]
+        masked = [(p, mask, count) for p, mask, count in plan.masked if p.grad is not None]
+        allowed = {id(p) for p in whole} | {id(p) for p, _, _ in masked}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in allowed:
+                    p.grad = None
+
+        for p, mask, _ in masked:
+            p.grad.masked_fill_(mask.logical_not(), 0)
+        if self.foundation_l2 > 0:
+            self._add_foundation_gradient(whole, masked)
+
+        grad_norm = None
+        applied = whole + [p for p, _, _ in masked]
+        if self.max_grad_norm is not None and applied:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(applied, self.max_grad_norm))
+
+        snapshots = [p.detach().clone() for p, _, _ in masked]
+        stepped = _run_optimizer_step(optimizer, scaler)
+        if stepped:
+            with torch.no_grad():
+                for (p, mask, _), snapshot in zip(masked, snapshots):
+                    torch.where(mask, p, snapshot, out=snapshot)
+                    p.copy_(snapshot)
+        del snapshots
+        self.policy.after_step(stepped)
+
+        sparse_entries = sum(count for _, _, count in masked) if stepped else 0
+        entries = (sum(p.numel() for p in whole) + sparse_entries) if stepped else 0
+        self.steps += 1
+        self.steps_applied += int(stepped)
+        self.entries_history.append(entries)
+        return StepReport(stepped, entries, sparse_entries, grad_norm)
+
+    def _add_foundation_gradient(self, whole: list[nn.Parameter],
+                                 masked: list[tuple[nn.Parameter, torch.Tensor, int]]) -> None:
+        with torch.no_grad():
+            for p in whole:
+                p.grad.add_(p - self.foundation[id(p)], alpha=self.foundation_l2)
+            for p, mask, _ in masked:
+                pull = (p - self.foundation[id(p)]).masked_fill_(mask.logical_not(), 0)
+                p.grad.add_(pull, alpha=self.foundation_l2)
+
+    def summary(self) -> dict:
+        """JSON-serialisable totals for the training log."""
+        described = self.policy.describe()
+        steps = max(self.steps_applied, 1)
+        return {**described,
+                "steps": self.steps,
+                "steps_applied": self.steps_applied,
+                "entries_updated_total": self.total_entries_updated,
+                "entries_updated_per_step_mean": self.total_entries_updated / steps,
+                "share_updated_per_step_mean": (self.total_entries_updated / steps)
+                / max(described["parameters"], 1)}
+
+
+def _unscale_once(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> None:
+    """`scaler.unscale_(optimizer)` unless the caller already did it in this iteration."""
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as error:
+        if "already been called" not in str(error):
+            raise
+
+
+def _run_optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None") -> bool:
+    """Step (through the scaler when given); True if the optimiser really stepped."""
+    ran = []
+    handle = optimizer.register_step_post_hook(lambda *_: ran.append(True))
+    try:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+    finally:
+        handle.remove()
+    return bool(ran)
