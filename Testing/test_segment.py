@@ -218,3 +218,30 @@ def test_no_model_installed_is_a_clear_error(home, tmp_path):
     result = run_cli("segment", str(source), str(tmp_path / "label.nii.gz"), home=home)
     assert result.returncode == 2 and "no model installed" in result.stderr
     assert not (tmp_path / "label.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_body_crop_matches_uncropped_run_inside_the_body(tmp_path):
+    """Real head-and-neck CT, the trained demo model: cropping must not change the result."""
+    from conftest import shared_file
+    from LymphNodeDGSTLib.bodycrop import find_body_box
+    from LymphNodeDGSTLib.demo_model import ensure_default_model, locate_demo_model
+    from LymphNodeDGSTLib.metrics import dice
+
+    ct = shared_file("ct/hn_ct_pycerr.nii.gz")
+    if locate_demo_model() is None:
+        pytest.skip("demo model not built")
+    store = ModelStore(tmp_path / "models")
+    ensure_default_model(store)
+    image = sitk.ReadImage(str(ct))
+    segmenter = Segmenter(store, device="cpu")
+    whole = sitk.GetArrayFromImage(segmenter.segment(image, fast=True, crop_body=False).label)
+    cropped_result = segmenter.segment(image, fast=True, crop_body=True)
+    cropped = sitk.GetArrayFromImage(cropped_result.label)
+    box = find_body_box(sitk.GetArrayViewFromImage(image), list(image.GetSpacing())[::-1])
+    assert box is not None and cropped_result.body_fraction < 0.8
+    inside = np.zeros(whole.shape, bool)
+    inside[box.slices] = True
+    assert whole[inside].sum() > 100, "the model should find something in a real neck CT"
+    assert dice(cropped[inside], whole[inside]) >= 0.99
+    assert not cropped[~inside].any()

@@ -45,6 +45,7 @@ position) wins, on every device.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -114,10 +115,10 @@ def top_gamma_mask(scores: torch.Tensor, gamma: int, overwrite_scores: bool = Fa
     """Boolean mask of the `gamma` largest scores in every row of a 2-D tensor.
 
     Exactly `min(gamma, row length)` entries per row; among equal scores the lowest column index
-    wins. O(numel), no sort and no one-hot matrix: for small gamma, gamma passes of a row-wise
-    `max` (which returns the first maximal index) with a scatter after each; otherwise one `topk`
-    for the per-row threshold plus elementwise passes. Scores must not hold NaN or -inf.
-    With `overwrite_scores` the function may use `scores` as scratch space.
+    wins; NaN counts as larger than any finite number. O(numel), no sort and no one-hot matrix: for small
+    gamma, gamma passes of a row-wise `max` (which returns the first maximal index, NaN first)
+    with a scatter after each; otherwise one `topk` for the per-row threshold plus elementwise
+    passes. Scores must not hold -inf. With `overwrite_scores`, `scores` is used as scratch space.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [filters, entries], got shape {tuple(scores.shape)}")
@@ -130,11 +131,14 @@ def top_gamma_mask(scores: torch.Tensor, gamma: int, overwrite_scores: bool = Fa
     if k <= ITERATIVE_MAX_LIMIT:
         remaining = scores if overwrite_scores else scores.clone()
         mask = torch.zeros_like(scores, dtype=torch.bool)
-        for _ in range(k):
+        for picked in range(k):
             index = remaining.max(dim=1, keepdim=True).indices
             mask.scatter_(1, index, True)
-            remaining.scatter_(1, index, float("-inf"))
+            if picked < k - 1:
+                remaining.scatter_(1, index, float("-inf"))
         return mask
+    scores = scores.nan_to_num_(nan=float("inf")) if overwrite_scores \
+        else scores.nan_to_num(nan=float("inf"))
     threshold = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     above = scores > threshold
     at_threshold = scores == threshold
@@ -295,15 +299,35 @@ class SparseFilterPolicy(UpdatePolicy):
         masked = [(info.parameter, mask, self.entries_in(info)) for info, mask in self.select()]
         return StepPlan(whole=[info.parameter for info in self.always], masked=masked)
 
+    def _select_by_filter_size(self, scores_for: Callable[[list[ParameterInfo]], torch.Tensor]
+                               ) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        """Masks for every convolution weight that has a gradient.
+
+        Layers whose filters have the same length (on the same device) are stacked, so one
+        selection serves them all: on a GPU the cost is kernel launches, not arithmetic.
+        `scores_for(infos)` returns their fresh, stacked `[filters, entries]` scores.
+        """
+        groups: dict[tuple[int, torch.device], list[ParameterInfo]] = {}
+        for info in self.sparse:
+            if info.parameter.grad is not None:
+                assert info.layout is not None
+                groups.setdefault((info.layout.filter_size, info.parameter.device), []).append(info)
+        masks = []
+        for infos in groups.values():
+            stacked = top_gamma_mask(scores_for(infos), self.gamma, overwrite_scores=True)
+            parts = stacked.split([info.layout.n_filters for info in infos])
+            masks.extend((info, info.layout.from_filters(part)) for info, part in zip(infos, parts))
+        return masks
+
     def _mask_from_scores(self, info: ParameterInfo, scores: torch.Tensor) -> torch.Tensor:
         """Mask in the weight's shape; `scores` ([filters, entries], owned by us) is overwritten."""
         assert info.layout is not None
         return info.layout.from_filters(top_gamma_mask(scores, self.gamma, overwrite_scores=True))
 
     def _gradient_scores(self, info: ParameterInfo, gradient: torch.Tensor) -> torch.Tensor:
+        """|grad| as [filters, entries], a fresh tensor (NaN stays NaN: selected first)."""
         assert info.layout is not None
-        scores = info.layout.to_filters(gradient.abs())
-        return scores.nan_to_num_(nan=float("inf"))
+        return info.layout.to_filters(gradient.abs())
 
 
 class DynamicTopGammaPolicy(SparseFilterPolicy):
@@ -312,12 +336,15 @@ class DynamicTopGammaPolicy(SparseFilterPolicy):
     name = "dgst"
 
     def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
-        masks = []
-        for info in self.sparse:
-            gradient = info.parameter.grad
-            if gradient is not None:
-                masks.append((info, self._mask_from_scores(info, self._gradient_scores(info, gradient))))
-        return masks
+        def gradient_scores(infos: list[ParameterInfo]) -> torch.Tensor:
+            gradient = infos[0].parameter.grad
+            scores = torch.empty(sum(info.layout.n_filters for info in infos), infos[0].layout.filter_size,
+                                 device=gradient.device, dtype=gradient.dtype)
+            for info, rows in zip(infos, scores.split([info.layout.n_filters for info in infos])):
+                torch.abs(info.layout.to_filters(info.parameter.grad), out=rows)
+            return scores
+
+        return self._select_by_filter_size(gradient_scores)
 
 
 class RandomPolicy(SparseFilterPolicy):
@@ -336,16 +363,12 @@ class RandomPolicy(SparseFilterPolicy):
         return self._generators[device]
 
     def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
-        masks = []
-        for info in self.sparse:
-            parameter = info.parameter
-            if parameter.grad is None:
-                continue
-            assert info.layout is not None
-            scores = torch.rand(info.layout.n_filters, info.layout.filter_size,
-                                generator=self._generator(parameter.device), device=parameter.device)
-            masks.append((info, self._mask_from_scores(info, scores)))
-        return masks
+        def random_scores(infos: list[ParameterInfo]) -> torch.Tensor:
+            device = infos[0].parameter.device
+            return torch.rand(sum(info.layout.n_filters for info in infos), infos[0].layout.filter_size,
+                              generator=self._generator(device), device=device)
+
+        return self._select_by_filter_size(random_scores)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed,
@@ -421,6 +444,7 @@ class StaticPolicy(SparseFilterPolicy):
 # ----------------------------------------------------------------------------------------------
 # LoRA (PEFT)
 
+@functools.cache
 def _lora_conv_transpose_class() -> type:
     """A PEFT LoRA layer for transposed convolutions, which PEFT itself does not support.
 
@@ -588,6 +612,14 @@ class MaskedStepper:
         self.entries_history: list[int] = []
         self.steps = 0
         self.steps_applied = 0
+        self._zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A cached 0-dim zero on `like`'s device and dtype (torch.where needs a tensor for out=)."""
+        key = (like.device, like.dtype)
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+        return self._zeros[key]
 
     @property
     def total_entries_updated(self) -> int:
@@ -607,7 +639,7 @@ class MaskedStepper:
                     p.grad = None
 
         for p, mask, _ in masked:
-            p.grad.masked_fill_(mask.logical_not(), 0)
+            torch.where(mask, p.grad, self._zero(p.grad), out=p.grad)
         if self.foundation_l2 > 0:
             self._add_foundation_gradient(whole, masked)
 
@@ -621,8 +653,7 @@ class MaskedStepper:
         if stepped:
             with torch.no_grad():
                 for (p, mask, _), snapshot in zip(masked, snapshots):
-                    torch.where(mask, p, snapshot, out=snapshot)
-                    p.copy_(snapshot)
+                    torch.where(mask, p, snapshot, out=p)
         del snapshots
         self.policy.after_step(stepped)
 
@@ -639,7 +670,7 @@ class MaskedStepper:
             for p in whole:
                 p.grad.add_(p - self.foundation[id(p)], alpha=self.foundation_l2)
             for p, mask, _ in masked:
-                pull = (p - self.foundation[id(p)]).masked_fill_(mask.logical_not(), 0)
+                pull = torch.where(mask, p - self.foundation[id(p)], self._zero(p))
                 p.grad.add_(pull, alpha=self.foundation_l2)
 
     def summary(self) -> dict:

@@ -1,0 +1,125 @@
+"""Segmentation speed and memory: `lndgst segment` against stock nnUNetPredictor, side by side.
+
+On the shared head-and-neck CT (511x511x90), for a tiny model and the default 30 M-parameter
+3d_fullres architecture (random weights: timing only), with and without mirroring, each run in a
+fresh process (peak RSS of that process), in one sitting so the ratios are comparable:
+    stock      nnUNetPredictor.predict_single_npy_array on the whole image
+    ours       Segmenter without the body crop (must never be slower than stock)
+    ours+crop  Segmenter with the body crop (target: >= 1.5x faster than stock)
+
+    python Testing/benchmarks/bench_segment.py [--models tiny,default] [--modes fast,accurate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CT = Path(os.environ.get("LNDGST_SHARED_DATA", REPO.parent / "shared" / "data")) / "ct" / "hn_ct_pycerr.nii.gz"
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np, SimpleITK as sitk, torch
+variant, folder, ct, fast = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+image = sitk.ReadImage(ct)
+started = time.perf_counter()
+if variant == "stock":
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=not fast, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, use_folds=(0,))
+    array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
+    label = predictor.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
+else:
+    from LymphNodeDGSTLib.inference import Segmenter
+    from LymphNodeDGSTLib.models import ModelStore
+    segmenter = Segmenter(ModelStore(folder), device="cpu")
+    label = sitk.GetArrayFromImage(segmenter.segment(image, fast=fast, crop_body=variant == "ours+crop").label)
+seconds = time.perf_counter() - started
+np.save(sys.argv[5], label.astype(np.uint8))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
+    """name -> (results folder for stock, store root for ours)."""
+    from LymphNodeDGSTLib.architectures import create_random_model, default_foundation_spec, tiny_spec
+    from LymphNodeDGSTLib.models import ModelStore
+
+    specs = {"tiny": tiny_spec(), "default": default_foundation_spec()}
+    prepared = {}
+    for name in names:
+        folder = create_random_model(work / name, specs[name], seed=0)
+        store_root = work / f"{name}-store"
+        ModelStore(store_root).install(folder, name=name, show_progress=False)
+        prepared[name] = (folder, store_root)
+    return prepared
+
+
+def run_child(variant: str, folder: Path, fast: bool, out: Path) -> dict:
+    env = dict(os.environ, nnUNet_def_n_proc=str(os.cpu_count() or 2), nnUNet_n_proc_DA="0")
+    completed = subprocess.run([sys.executable, "-c", CHILD, variant, str(folder), str(CT),
+                                "1" if fast else "0", str(out)], capture_output=True, text=True, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,default")
+    parser.add_argument("--modes", default="fast,accurate")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not CT.exists():
+        print(f"skipped: {CT} not found (shared data absent)")
+        return 0
+    import numpy as np
+
+    from LymphNodeDGSTLib.metrics import dice
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-segment-") as scratch:
+        work = Path(scratch)
+        models = prepare_models(work, args.models.split(","))
+        for name, (folder, store_root) in models.items():
+            for mode in args.modes.split(","):
+                fast = mode == "fast"
+                results = {}
+                for variant in ("stock", "ours", "ours+crop"):
+                    target = folder if variant == "stock" else store_root
+                    results[variant] = run_child(variant, target, fast, work / f"{variant}.npy")
+                    results[variant]["label"] = np.load(work / f"{variant}.npy")
+                stock = results["stock"]
+                for variant in ("stock", "ours", "ours+crop"):
+                    r = results[variant]
+                    rows.append({
+                        "model": name, "mode": mode, "variant": variant,
+                        "seconds": round(r["seconds"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
+                        "speedup_vs_stock": round(stock["seconds"] / r["seconds"], 2),
+                        "memory_vs_stock": round(r["peak_rss_mb"] / stock["peak_rss_mb"], 2),
+                        "dice_vs_stock": round(dice(r["label"], stock["label"]), 4),
+                        "identical_to_stock": bool(np.array_equal(r["label"], stock["label"])),
+                    })
+                    print(json.dumps(rows[-1]), flush=True)
+    print()
+    header = ["model", "mode", "variant", "seconds", "peak_rss_mb", "speedup_vs_stock",
+              "memory_vs_stock", "dice_vs_stock", "identical_to_stock"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
