@@ -1,0 +1,602 @@
+"""LymphNodeDGST: the 3D Slicer module. Glue only: Qt widgets <-> LymphNodeDGSTLib.
+
+Long work runs in background jobs (LymphNodeDGSTLib.jobs) followed by a QTimer; the panel's state
+machine and everything it shows come from LymphNodeDGSTLib.panel, which is tested without Slicer.
+Core modules that need torch or nnU-Net are imported only once the packages are installed.
+"""
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from LymphNodeDGSTLib import dependencies
+from LymphNodeDGSTLib.errors import UserInputError
+from LymphNodeDGSTLib.jobs import JobManager
+from LymphNodeDGSTLib.panel import (ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
+                                    MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
+                                    JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
+                                    adaptation_outcome, case_rows, device_text, failure_text,
+                                    home_from_setting, import_segmentation_result,
+                                    install_job_params, model_rows, new_segmentation_files,
+                                    node_centroid_world, node_table_cells, running_job,
+                                    save_case_from_segmentation, segment_blocker,
+                                    segment_editor_node, segment_in_process, selected_model_name,
+                                    submit_adaptation, submit_segmentation, worker_python,
+                                    write_curve_png, write_segmentation_input)
+
+HOME_SETTING = "LymphNodeDGST/Home"
+
+
+class LymphNodeDGST(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Lymph Node DGST"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["LymphNodeDGST developers"]
+        self.parent.helpText = (
+            "Segments lymph nodes in CT with an nnU-Net v2 model, lets you correct the result and "
+            "save it as a training case, and adapts the model to your site's scans with Dynamic "
+            "Gradient Sparsification Training (DGST) in the background. Not for clinical use "
+            "without local validation. See https://github.com/lymphnode-dgst/SlicerLymphNodeDGST")
+        self.parent.acknowledgementText = (
+            "Built on nnU-Net v2 (Isensee et al., Nature Methods 2021), PyTorch, SimpleITK and 3D "
+            "Slicer; its structure follows SlicerNNUNet and SlicerMONAIAuto3DSeg.")
+
+
+@parameterNodeWrapper
+class LymphNodeDGSTParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    nodeTable: vtkMRMLTableNode
+    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    fast: bool = False
+    method: Annotated[str, Choice(list(ADAPT_METHODS))] = "dgst"
+    gamma: Annotated[int, WithinRange(1, 64)] = 2
+    iterations: Annotated[int, WithinRange(1, 100000)] = 250
+    adaptDevice: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+
+
+class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.machine = PanelStateMachine()
+        self.follower = None
+        self.jobContext = {}
+        self.modelRows, self.caseRows, self.nodeRows = [], [], []
+        self.outcome = None
+        self.ready = False
+        self._curveEpochs = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LymphNodeDGST.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LymphNodeDGSTLogic()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.onPoll)
+
+        self.segmentEditorWidget = slicer.qMRMLSegmentEditorWidget()
+        self.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        self.ui.segmentEditorContainer.layout().addWidget(self.segmentEditorWidget)
+        for table, columns in ((self.ui.modelsTableWidget, MODEL_COLUMNS),
+                               (self.ui.casesTableWidget, CASE_COLUMNS),
+                               (self.ui.nodesTableWidget, [title for _, title in NODE_TABLE_COLUMNS])):
+            table.setColumnCount(len(columns))
+            table.setHorizontalHeaderLabels(list(columns))
+        self.ui.adaptResultWidget.visible = False
+        self.ui.homeDirectoryButton.directory = str(self.logic.home.root)
+
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.homeDirectoryButton.connect("directoryChanged(QString)", self.onHomeChanged)
+        self.ui.activateButton.connect("clicked(bool)", self.onActivate)
+        self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
+        self.ui.browseZipButton.connect("clicked(bool)", lambda: self.onBrowse(folder=False))
+        self.ui.browseFolderButton.connect("clicked(bool)", lambda: self.onBrowse(folder=True))
+        self.ui.installButton.connect("clicked(bool)", self.onInstallModel)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.nodesTableWidget.connect("cellClicked(int,int)", self.onNodeClicked)
+        self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
+        self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdapt)
+        self.ui.useAdaptedButton.connect("clicked(bool)", self.onUseAdapted)
+        self.ui.keepCurrentButton.connect("clicked(bool)", self.onKeepCurrent)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.checkDependencies()
+
+    def cleanup(self):
+        self.timer.stop()
+        if self.follower is not None and self.machine.job_kind == "segment":
+            self.logic.jobs.cancel(self.follower.job_id, timeout=2.0)  # its result would be lost
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.segmentEditorWidget.setActiveEffect(None)
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateControls)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        self.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.inputVolume and firstVolume:
+            self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateControls)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateControls)
+        self.updateControls()
+
+    # ------------------------------------------------------------------ first use, home
+    def checkDependencies(self):
+        plan = dependencies.plan_installation(hasattr(slicer.modules, "pytorchutils"))
+        self.ready = plan.ready
+        self.ui.dependencyStatusLabel.text = plan.status_text()
+        self.ui.installDependenciesButton.enabled = not plan.nothing_to_do and plan.blocker() is None
+        self.ui.firstUseCollapsibleButton.collapsed = plan.ready
+        for section in (self.ui.modelCollapsibleButton, self.ui.segmentCollapsibleButton,
+                        self.ui.correctCollapsibleButton, self.ui.adaptCollapsibleButton):
+            section.enabled = plan.ready
+        if plan.ready:
+            self.refreshAll()
+
+    def onInstallDependencies(self):
+        plan = dependencies.plan_installation(hasattr(slicer.modules, "pytorchutils"))
+        if plan.blocker():
+            slicer.util.errorDisplay(plan.blocker())
+            return
+        if not slicer.util.confirmOkCancelDisplay(plan.confirmation_text()):
+            return
+        if plan.install_torch:
+            import PyTorchUtils
+
+            with slicer.util.tryWithErrorDisplay("Installing PyTorch failed.", waitCursor=True):
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                    return  # the user declined
+        if plan.pip_requirements:
+            constraints = dependencies.write_constraints(Path(tempfile.mkdtemp()) / "constraints.txt")
+            try:
+                with slicer.util.WaitCursor():
+                    slicer.util.pip_install(plan.pip_arguments(constraints))
+            except Exception as error:
+                if not dependencies.user_declined(error):
+                    output = dependencies.failure_output(error)
+                    slicer.util.errorDisplay(dependencies.explain_install_failure(
+                        output, plan.manual_command(constraints)), detailedText=output)
+        self.checkDependencies()
+
+    def onHomeChanged(self, directory):
+        qt.QSettings().setValue(HOME_SETTING, directory)
+        self.logic.home = home_from_setting(directory)
+        if self.ready:
+            self.refreshAll()
+
+    def refreshAll(self):
+        try:  # called from setup(): report problems, never fail the module's construction
+            installed = self.logic.ensureDefaultModel()
+            if installed:
+                self.ui.installStatusLabel.text = f"Installed the demo model {installed} (not a clinical model)."
+            self.refreshModels()
+            self.refreshCases()
+            self.updateDeviceInfo()
+            running = running_job(self.logic.jobs, ("adapt",))
+            if running is not None and not self.machine.busy:
+                self.ui.adaptStatusLabel.text = "Following an adaptation started earlier."
+                self.follow("adapt", running.id, {})
+        except Exception as error:
+            logging.exception("LymphNodeDGST: reading the home folder failed")
+            slicer.util.errorDisplay(f"Could not read the home folder {self.logic.home.root}: {error}")
+
+    def updateDeviceInfo(self, *unused):
+        if self.ready:  # the combo's text, not the parameter node: this slot may run first
+            self.ui.deviceInfoLabel.text = device_text(self.ui.deviceComboBox.currentText or "auto")
+
+    # ------------------------------------------------------------------ controls and tables
+    def updateControls(self, *unused):
+        if not hasattr(self, "ui"):
+            return
+        hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
+        controls = self.machine.controls(segment_blocker(hasInput, bool(self.modelRows)),
+                                         adapt_blocker(bool(self.modelRows), len(self.caseRows)))
+        for button, text, enabled, tip in (
+                (self.ui.applyButton, controls.apply_text, controls.apply_enabled, controls.apply_tooltip),
+                (self.ui.adaptButton, controls.adapt_text, controls.adapt_enabled, controls.adapt_tooltip),
+                (self.ui.installButton, controls.install_text, controls.install_enabled, "")):
+            button.text, button.enabled = text, enabled
+            if tip:
+                button.toolTip = tip
+        for widget in (self.ui.modelsTableWidget, self.ui.activateButton, self.ui.rollbackButton,
+                       self.ui.installSourceLineEdit, self.ui.browseZipButton, self.ui.browseFolderButton):
+            widget.enabled = controls.model_actions_enabled
+        for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
+                       self.ui.deviceComboBox, self.ui.fastCheckBox, self.ui.advancedCollapsibleButton,
+                       self.ui.removeCaseButton, self.ui.homeDirectoryButton):
+            widget.enabled = controls.inputs_enabled
+        self.ui.segmentProgressBar.visible = controls.segment_progress_visible
+        self.ui.adaptProgressBar.visible = controls.adapt_progress_visible
+
+    def fillTable(self, table, rows):
+        table.setRowCount(len(rows))
+        for r, cells in enumerate(rows):
+            for c, text in enumerate(cells):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+
+    def refreshModels(self):
+        self.modelRows = self.logic.modelRows()
+        self.fillTable(self.ui.modelsTableWidget, [row.cells() for row in self.modelRows])
+        self.updateControls()
+
+    def refreshCases(self):
+        self.caseRows = self.logic.caseRows()
+        self.fillTable(self.ui.casesTableWidget, [row.cells() for row in self.caseRows])
+        self.ui.casesStatusLabel.text = f"{len(self.caseRows)} training case(s) in {self.logic.home.cases}"
+        self.updateControls()
+
+    def selectedModel(self):
+        row = self.ui.modelsTableWidget.currentRow()
+        return selected_model_name(self.modelRows, row if row >= 0 else None)
+
+    # ------------------------------------------------------------------ model section
+    def onActivate(self):
+        row = self.ui.modelsTableWidget.currentRow()
+        if row < 0:
+            slicer.util.infoDisplay("Select a version in the table first.")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not activate the model."):
+            self.logic.activate(self.modelRows[row].name, self.modelRows[row].version)
+        self.refreshModels()
+
+    def onRollback(self):
+        with slicer.util.tryWithErrorDisplay("Could not roll back."):
+            version = self.logic.rollback(self.selectedModel())
+            self.ui.installStatusLabel.text = f"Now using {version.ref}."
+        self.refreshModels()
+
+    def onBrowse(self, folder):
+        path = (qt.QFileDialog.getExistingDirectory(None, "nnU-Net results folder") if folder else
+                qt.QFileDialog.getOpenFileName(None, "nnU-Net model archive", "", "Zip archives (*.zip)"))
+        if path:
+            self.ui.installSourceLineEdit.text = path
+
+    def onInstallModel(self):
+        if self.machine.job_kind == "install":
+            return self.cancelJob()
+        with slicer.util.tryWithErrorDisplay("Could not start the installation."):
+            params = install_job_params(self.logic.home, self.ui.installSourceLineEdit.text,
+                                        self.ui.installNameLineEdit.text.strip(),
+                                        self.ui.installSha256LineEdit.text.strip(),
+                                        self.ui.trustCheckpointCheckBox.checked)
+            job = self.logic.jobs.submit(INSTALL_JOB_KIND, params, python=worker_python())
+            self.follow("install", job.id, {})
+
+    # ------------------------------------------------------------------ segment section
+    def onApply(self):
+        if self.machine.job_kind == "segment":
+            return self.cancelJob()
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+            job, files = self.logic.startSegmentation(p.inputVolume, self.selectedModel(), p.device, p.fast)
+            self.follow("segment", job.id, {"files": files, "volume": p.inputVolume})
+
+    def showSegmentation(self, context, result):
+        p = self._parameterNode
+        volume = context["volume"]
+        segmentation, table, self.nodeRows = self.logic.importSegmentation(
+            context["files"], volume, p.outputSegmentation, p.nodeTable)
+        p.outputSegmentation, p.nodeTable = segmentation, table
+        self.fillTable(self.ui.nodesTableWidget, node_table_cells(self.nodeRows))
+        self.segmentEditorWidget.setSegmentationNode(segmentation)
+        self.segmentEditorWidget.setSourceVolumeNode(volume)
+        self.ui.segmentStatusLabel.text = (f"{len(self.nodeRows)} node(s) found with {result['model']} "
+                                           f"on {result['device']} in {result['seconds']:.0f} s.")
+
+    def onNodeClicked(self, row, column):
+        if 0 <= row < len(self.nodeRows):
+            volume = self.segmentEditorWidget.sourceVolumeNode() or self._parameterNode.inputVolume
+            self.logic.jumpToNode(self.nodeRows[row], volume)
+
+    # ------------------------------------------------------------------ correct section
+    def onSaveCase(self):
+        segmentation = self.segmentEditorWidget.segmentationNode() or self._parameterNode.outputSegmentation
+        volume = self.segmentEditorWidget.sourceVolumeNode() or self._parameterNode.inputVolume
+        if segmentation is None or volume is None:
+            slicer.util.infoDisplay("Segment a CT first (or select a CT and a segmentation).")
+            return
+        with slicer.util.tryWithErrorDisplay("Could not save the training case.", waitCursor=True):
+            record = self.logic.saveTrainingCase(volume, segmentation, self.segmentEditorWidget.currentSegmentID(),
+                                                 self.ui.caseIdLineEdit.text.strip())
+            self.ui.caseIdLineEdit.text = ""
+            self.refreshCases()
+            self.ui.casesStatusLabel.text = f"Saved case {record.id}; {len(self.caseRows)} case(s) in the library."
+
+    def onRemoveCase(self):
+        row = self.ui.casesTableWidget.currentRow()
+        if row < 0:
+            return
+        caseId = self.caseRows[row].id
+        if slicer.util.confirmYesNoDisplay(f"Remove training case {caseId} from the library?"):
+            with slicer.util.tryWithErrorDisplay("Could not remove the case."):
+                self.logic.library().remove(caseId)
+            self.refreshCases()
+
+    # ------------------------------------------------------------------ adapt section
+    def onAdapt(self):
+        if self.machine.job_kind == "adapt":
+            return self.cancelJob()
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the adaptation.", waitCursor=True):
+            request = adapt_request(self.selectedModel(), p.method, p.gamma, p.iterations, p.adaptDevice)
+            job = self.logic.startAdaptation(request)
+            self.ui.adaptResultWidget.visible = False
+            self.ui.curveLabel.clear()
+            self._curveEpochs = 0
+            self.follow("adapt", job.id, {})
+
+    def showCurve(self, summary):
+        if len(summary.curve) == self._curveEpochs:
+            return
+        self._curveEpochs = len(summary.curve)
+        path = write_curve_png(summary.curve, Path(tempfile.gettempdir()) / f"lndgst-curve-{summary.job_id}.png")
+        self.ui.curveLabel.setPixmap(qt.QPixmap(str(path)))
+
+    def showAdaptationOutcome(self, result):
+        self.outcome = adaptation_outcome(result)
+        self.ui.adaptResultLabel.text = self.outcome.text()
+        if self.outcome.figure and self.outcome.figure.is_file():
+            pixmap = qt.QPixmap(str(self.outcome.figure))
+            self.ui.reportFigureLabel.setPixmap(pixmap.scaledToWidth(400, qt.Qt.SmoothTransformation))
+        self.ui.useAdaptedButton.text = f"Use {self.outcome.version}"
+        self.ui.keepCurrentButton.text = f"Keep {self.outcome.parent}"
+        (self.ui.useAdaptedButton if self.outcome.recommended else self.ui.keepCurrentButton).setFocus()
+        self.ui.useAdaptedButton.enabled = self.ui.keepCurrentButton.enabled = True
+        self.ui.adaptResultWidget.visible = True
+        self.refreshModels()
+
+    def onUseAdapted(self):
+        with slicer.util.tryWithErrorDisplay("Could not activate the adapted model."):
+            self.logic.activate(*self.outcome.name_and_version())
+            self.ui.adaptStatusLabel.text = f"Now using {self.outcome.version}."
+        self.ui.useAdaptedButton.enabled = self.ui.keepCurrentButton.enabled = False
+        self.refreshModels()
+
+    def onKeepCurrent(self):
+        self.ui.adaptStatusLabel.text = self.outcome.kept_text()
+        self.ui.useAdaptedButton.enabled = self.ui.keepCurrentButton.enabled = False
+
+    # ------------------------------------------------------------------ background jobs
+    def follow(self, kind, jobId, context):
+        self.machine.start(kind)
+        self.follower = JobFollower(self.logic.jobs, jobId)
+        self.jobContext = context
+        bar = {"segment": self.ui.segmentProgressBar, "adapt": self.ui.adaptProgressBar}.get(kind)
+        if bar is not None:
+            bar.value = 0
+        self.updateControls()
+        self.timer.start()
+
+    def cancelJob(self):
+        self.machine.cancel()
+        self.follower.cancel()
+        self.updateControls()
+
+    def onPoll(self):
+        kind = self.machine.job_kind
+        _, summary = self.follower.poll()
+        label = {"segment": self.ui.segmentStatusLabel, "adapt": self.ui.adaptStatusLabel}.get(
+            kind, self.ui.installStatusLabel)
+        bar = {"segment": self.ui.segmentProgressBar, "adapt": self.ui.adaptProgressBar}.get(kind)
+        label.text = summary.status_text()
+        if bar is not None:
+            bar.value = summary.percent
+            bar.format = f"%p% {summary.stage or ''}"
+        if kind == "adapt":
+            self.showCurve(summary)
+        if summary.finished:
+            self.timer.stop()
+            self.finishJob(kind, summary)
+
+    def finishJob(self, kind, summary):
+        context, self.jobContext, self.follower = self.jobContext, {}, None
+        self.machine.finish()
+        try:
+            if summary.state == "done" and kind == "segment":
+                self.showSegmentation(context, summary.result)
+            elif summary.state == "done" and kind == "adapt":
+                self.showAdaptationOutcome(summary.result)
+            elif summary.state == "done" and kind == "install":
+                self.ui.installStatusLabel.text = f"Installed {summary.result['version']}."
+                self.refreshModels()
+            elif summary.state == "failed":
+                slicer.util.errorDisplay(failure_text(kind, summary))
+        except Exception as error:
+            logging.exception("LymphNodeDGST: showing a job's result failed")
+            slicer.util.errorDisplay(f"Could not show the result: {error}")
+        finally:
+            if "files" in context:
+                context["files"].remove()
+            self.updateControls()
+
+
+class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
+    """A thin facade over LymphNodeDGSTLib, usable without the widget (and by the self-test)."""
+
+    def __init__(self, home=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.home = home or home_from_setting(qt.QSettings().value(HOME_SETTING, ""))
+        self._segmenter, self._segmenterKey = None, None
+
+    def getParameterNode(self):
+        return LymphNodeDGSTParameterNode(super().getParameterNode())
+
+    @property
+    def jobs(self):
+        return JobManager(self.home.jobs)
+
+    def store(self):
+        from LymphNodeDGSTLib.models import ModelStore
+
+        return ModelStore(self.home.models)
+
+    def library(self):
+        from LymphNodeDGSTLib.cases import CaseLibrary
+
+        return CaseLibrary(self.home.cases)
+
+    def ensureDefaultModel(self):
+        from LymphNodeDGSTLib.demo_model import ensure_default_model
+
+        return ensure_default_model(self.store())
+
+    def modelRows(self):
+        return model_rows(self.store())
+
+    def caseRows(self):
+        return case_rows(self.library())
+
+    def activate(self, name, version):
+        return self.store().activate(name, int(version))
+
+    def rollback(self, name):
+        return self.store().rollback(name)
+
+    def segmentEditorNode(self):
+        return segment_editor_node(slicer.mrmlScene)
+
+    def startSegmentation(self, volumeNode, model=None, device="auto", fast=False):
+        """Write the CT for a background segmentation job and start it: (JobInfo, files)."""
+        if volumeNode is None:
+            raise UserInputError("Select the CT volume to segment.")
+        files = new_segmentation_files(self.home)
+        try:
+            write_segmentation_input(volumeNode, files)
+            return submit_segmentation(self.jobs, self.home, files, model, device, fast,
+                                       python=worker_python()), files
+        except Exception:
+            files.remove()
+            raise
+
+    def importSegmentation(self, files, volumeNode, segmentationNode=None, tableNode=None):
+        return import_segmentation_result(files, volumeNode, slicer.mrmlScene, segmentationNode, tableNode)
+
+    def segmentInProcess(self, volumeNode, segmentationNode=None, model=None, device="auto", fast=True):
+        from LymphNodeDGSTLib.inference import Segmenter
+
+        if self._segmenterKey != (self.home.models, device):  # kept loaded between calls
+            self._segmenter, self._segmenterKey = Segmenter(self.store(), device=device), (self.home.models, device)
+        return segment_in_process(self._segmenter, volumeNode, slicer.mrmlScene, model, fast, segmentationNode)
+
+    def jumpToNode(self, row, volumeNode=None):
+        """Centre the slice views on a report row's node (RAS = LPS centroid with x, y negated)."""
+        x, y, z = node_centroid_world(row, volumeNode)
+        slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
+
+    def saveTrainingCase(self, volumeNode, segmentationNode, selectedSegmentId=None, caseId=None):
+        return save_case_from_segmentation(self.library(), volumeNode, segmentationNode, selectedSegmentId, caseId)
+
+    def startAdaptation(self, request):
+        return submit_adaptation(self.jobs, self.home, request, python=worker_python())
+
+
+class LymphNodeDGSTTest(ScriptedLoadableModuleTest):
+    """The whole loop inside Slicer on a phantom: segment, correct, save a case, adapt."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_save_case_and_adapt()
+
+    def test_segment_save_case_and_adapt(self):
+        from LymphNodeDGSTLib.home import Home
+        from LymphNodeDGSTLib.mrml import (LYMPH_NODE_TERMINOLOGY, labelmap_array_to_segmentation,
+                                           sitk_image_to_volume_node)
+        from LymphNodeDGSTLib.phantom import generate_phantom
+        import SimpleITK as sitk
+
+        plan = dependencies.plan_installation(hasattr(slicer.modules, "pytorchutils"))
+        self.assertTrue(plan.ready, plan.blocker() or "install the missing packages first")
+        logic = LymphNodeDGSTLogic(home=Home(Path(tempfile.mkdtemp(prefix="lndgst-selftest-"))))
+        self.delayDisplay("Installing the demo model")
+        model = logic.ensureDefaultModel()
+        self.assertIsNotNone(model, "the bundled demo model (Resources/DemoModel) is missing")
+        phantom = generate_phantom("B", 7)
+        volume = sitk_image_to_volume_node(phantom.image, slicer.mrmlScene, "phantom CT")
+
+        self.delayDisplay("Segmenting (in-process, fast)")
+        segmentation, table, rows = logic.segmentInProcess(volume, fast=True)
+        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("lymph node")
+        self.assertTrue(segmentId)
+        segment = segmentation.GetSegmentation().GetSegment(segmentId)
+        terminology = vtk.reference("")
+        self.assertTrue(segment.GetTag(segment.GetTerminologyEntryTagName(), terminology))
+        self.assertEqual(str(terminology), LYMPH_NODE_TERMINOLOGY)
+        self.assertEqual(table.GetNumberOfRows(), len(rows))
+        if rows:
+            logic.jumpToNode(rows[0], volume)
+
+        self.delayDisplay("Correcting (the phantom's truth plays the clinician) and saving a case")
+        labelmap_array_to_segmentation(sitk.GetArrayFromImage(phantom.label), volume, slicer.mrmlScene,
+                                       segmentation_node=segmentation)
+        record = logic.saveTrainingCase(volume, segmentation, caseId="selftest")
+        self.assertEqual(record.id, "selftest")
+        self.assertGreater(record.metadata["label_voxels"], 0)
+
+        self.delayDisplay("Adapting (a few iterations, background job, not activated)")
+        name = model.partition("@")[0]
+        job = logic.startAdaptation(adapt_request(name, iterations=4, iterations_per_epoch=2))
+        follower, deadline = JobFollower(logic.jobs, job.id), time.monotonic() + 1800
+        _, summary = follower.poll()
+        while not summary.finished:
+            self.assertLess(time.monotonic(), deadline, f"adaptation still running: {summary.status_text()}")
+            slicer.app.processEvents()
+            time.sleep(0.5)
+            _, summary = follower.poll()
+        self.assertEqual(summary.state, "done", summary.error)
+        outcome = adaptation_outcome(summary.result)
+        self.assertEqual(outcome.parent, model)
+        self.assertEqual(logic.store().active_version(name), 1)  # the user chooses, not the job
+        self.assertEqual(len(logic.store().versions(name)), 2)
+        self.delayDisplay(f"Test passed: {outcome.text()}")
