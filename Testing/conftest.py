@@ -77,7 +77,8 @@ def run_cli(*args: str, home: Path | None = None, check_rc: int | None = None,
     command = [sys.executable, "-m", "LymphNodeDGSTLib"]
     if home is not None:
         command += ["--home", str(home)]
-    completed = subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
+    completed = subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout,
+                               encoding="utf-8", errors="replace")
     if check_rc is not None:
         assert completed.returncode == check_rc, (completed.stdout, completed.stderr)
     return completed

@@ -91,26 +91,44 @@ def test_bad_requests_fail_before_any_training(installed_home, tiny_model_folder
     assert tree_snapshot(home.root) == before
 
 
+@pytest.fixture
+def site_b_home(home) -> Home:
+    """The demo model (trained on site-A phantoms) and four corrected site-B phantoms: a real
+    domain shift (contrast, thinner slices, noise, larger and necrotic nodes)."""
+    from LymphNodeDGSTLib.demo_model import ensure_default_model
+    from LymphNodeDGSTLib.phantom import generate_phantom
+
+    assert ensure_default_model(ModelStore(home / "models")) == "lymphnode-demo@1"
+    library = CaseLibrary(home / "cases")
+    for seed in range(200, 204):
+        phantom = generate_phantom("B", seed)
+        library.add(phantom.image, phantom.label)
+    return Home(home)
+
+
 @pytest.mark.slow
-def test_adapt_wait_publishes_a_better_version_with_report_and_figure(library_home):
-    store = ModelStore(library_home.models)
+def test_adapt_wait_publishes_a_better_version_with_report_and_figure(site_b_home):
+    from LymphNodeDGSTLib.phantom import generate_phantom
+
+    store = ModelStore(site_b_home.models)
     segmenter = Segmenter(store, device="cpu")
-    probe, _ = blob_case(99)
+    probe = generate_phantom("B", 300).image
     segmenter.segment(probe, fast=True)
-    assert segmenter.loaded_version.ref == "tiny@1"
+    assert segmenter.loaded_version.ref == "lymphnode-demo@1"
 
     result = run_cli("adapt", "--method", "dgst", "--iterations", "40", "--iterations-per-epoch", "20",
-                     "--lr", "0.01", "--wait", home=library_home.root)
+                     "--lr", "0.01", "--wait", home=site_b_home.root)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
-    assert summary["version"] == "tiny@2" and summary["parent"] == "tiny@1"
-    assert summary["dice_after"] > summary["dice_before"] + 0.2, summary
-    assert summary["activated"] and store.active_version("tiny") == 2
+    assert summary["version"] == "lymphnode-demo@2" and summary["parent"] == "lymphnode-demo@1"
+    assert summary["dice_after"] > summary["dice_before"] + 0.03, summary
+    assert summary["activated"] and store.active_version("lymphnode-demo") == 2
 
-    version = store.resolve("tiny@2")
+    version = store.resolve("lymphnode-demo@2")
+    parent = store.resolve("lymphnode-demo@1")
     report = json.loads((version.path / "adaptation_report.json").read_text())
     assert report["method"] == "dgst" and report["gamma"] == 2 and report["evaluation_is_held_out"]
-    assert report["parent_checkpoint_sha256"] == store.resolve("tiny@1").metadata["checkpoint_sha256"]["0"]
+    assert report["parent_checkpoint_sha256"] == parent.metadata["checkpoint_sha256"]["0"]
     assert 0 < report["weights_changed_share"] < 0.5
     assert {"before", "after", "case"} <= set(report["per_case"][0])
     assert (version.path / "adaptation_report.png").read_bytes()[:4] == b"\x89PNG"
@@ -118,15 +136,15 @@ def test_adapt_wait_publishes_a_better_version_with_report_and_figure(library_ho
     assert len(stats["entries_updated_per_iteration"]) == 40
     assert version.metadata["parent"] == 1 and version.metadata["method"] == "dgst"
 
-    job = JobManager(library_home.jobs).list()[0]
-    kinds = [e["type"] for e in JobManager(library_home.jobs).events(job.id)[0]]
+    job = JobManager(site_b_home.jobs).list()[0]
+    kinds = [e["type"] for e in JobManager(site_b_home.jobs).events(job.id)[0]]
     assert kinds[-1] == "done" and "metric" in kinds and "progress" in kinds
 
     segmenter.segment(probe, fast=True)   # hot swap: same live segmenter, new active version
-    assert segmenter.loaded_version.ref == "tiny@2"
-    store.rollback("tiny")
+    assert segmenter.loaded_version.ref == "lymphnode-demo@2"
+    store.rollback("lymphnode-demo")
     segmenter.segment(probe, fast=True)
-    assert segmenter.loaded_version.ref == "tiny@1"
+    assert segmenter.loaded_version.ref == "lymphnode-demo@1"
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -47,7 +48,7 @@ def download(url: str, destination: Path, sha256: str | None = None, show_progre
         total = (int(length) + (offset if resumed else 0)) if length else None
         with open(partial, mode) as handle, tqdm(total=total, initial=offset if resumed else 0,
                                                  unit="B", unit_scale=True, desc="download",
-                                                 disable=not show_progress) as bar:
+                                                 disable=not (show_progress and sys.stderr.isatty())) as bar:
             try:
                 for block in iter(lambda: response.read(CHUNK), b""):
                     handle.write(block)

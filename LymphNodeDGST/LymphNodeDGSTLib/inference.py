@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from LymphNodeDGSTLib.bodycrop import crop, find_body_box, paste_back
+from LymphNodeDGSTLib.bodycrop import BodyBox, find_body_box
 from LymphNodeDGSTLib.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.devices import choose_device
 from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory
@@ -51,11 +51,18 @@ def _make_predictor_class():
 
         progress: ProgressCallback | None = None
         cancel_event: threading.Event | None = None
+        # Body crop: only the tiles of the whole-image tiling that overlap this region run.
+        tile_region: tuple[slice, ...] | None = None
+        tile_region_shape: tuple[int, ...] | None = None
+        tiles_all = 0
         _tiles_total = 0
         _tiles_done = 0
 
         def _internal_get_sliding_window_slicers(self, image_size):
             slicers = super()._internal_get_sliding_window_slicers(image_size)
+            self.tiles_all = len(slicers)
+            if self.tile_region is not None:
+                slicers = tiles_overlapping(slicers, self.tile_region, self.tile_region_shape, image_size)
             self._tiles_total, self._tiles_done = len(slicers), 0
             return slicers
 
@@ -116,21 +123,21 @@ class Segmenter:
         predictor.use_mirroring = not fast
         predictor.progress, predictor.cancel_event = progress, cancel_event
         box = find_body_box(array_zyx, spacing_zyx) if crop_body else None
-        region = crop(array_zyx, box) if box is not None else array_zyx
         try:
-            label = self._predict(predictor, region, spacing_zyx, progress)
+            label, body_fraction = self._predict(predictor, array_zyx, spacing_zyx, box, progress)
         except torch.OutOfMemoryError:
             _release_memory(self.device)
             raise OutOfMemory(f"out of memory on {self.device} while segmenting; try --fast, "
                               "or --device cpu") from None
         finally:
             predictor.progress = predictor.cancel_event = None
-        if box is None:
-            return label, None
-        return paste_back(label, box, array_zyx.shape), float(region.size) / float(array_zyx.size)
+        return label, body_fraction
 
     def _predict(self, predictor, array_zyx: np.ndarray, spacing_zyx: Sequence[float],
-                 progress: ProgressCallback | None) -> np.ndarray:
+                 box: BodyBox | None, progress: ProgressCallback | None) -> tuple[np.ndarray, float | None]:
+        """nnU-Net's preprocessing on the whole image; the network only on the tiles of nnU-Net's
+        own whole-image tiling that overlap the body box, so every voxel inside the box gets
+        exactly the logits the uncropped run gives it; nnU-Net's resampling back; 0 outside."""
         from nnunetv2.inference.export_prediction import \
             convert_predicted_logits_to_segmentation_with_correct_shape
 
@@ -142,16 +149,35 @@ class Segmenter:
             predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
         if progress:
             progress("preprocess", 1, 1)
-        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        body_fraction = None
+        if box is not None:
+            predictor.tile_region = box_in_preprocessed_grid(
+                box, properties, predictor.plans_manager.transpose_forward, data.shape[1:])
+            predictor.tile_region_shape = data.shape[1:]
+        try:
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        finally:
+            predictor.tile_region = predictor.tile_region_shape = None
+        if box is not None:
+            body_fraction = predictor._tiles_total / max(predictor.tiles_all, 1)
+            # voxels no kept tile covers are 0/0: make them certain background
+            with torch.inference_mode():  # the logits are inference tensors
+                uncovered = torch.isnan(logits[0])
+                logits[:, uncovered] = background_logits(logits.shape[0], logits.dtype,
+                                                         predictor.label_manager.has_regions)
         del data
         if progress:
             progress("resample", 0, 1)
-        label = convert_predicted_logits_to_segmentation_with_correct_shape(
+        label = np.asarray(convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, predictor.plans_manager, predictor.configuration_manager,
-            predictor.label_manager, properties)
+            predictor.label_manager, properties), dtype=np.uint8)
+        if box is not None:
+            outside = np.ones(label.shape, dtype=bool)
+            outside[box.slices] = False
+            label[outside] = 0
         if progress:
             progress("resample", 1, 1)
-        return np.asarray(label, dtype=np.uint8)
+        return label, body_fraction
 
     def _predictor_for(self, version: ModelVersion, progress: ProgressCallback | None):
         if self._loaded is not None and self._loaded.path == version.path:
@@ -197,6 +223,43 @@ def load_predictor(version: ModelVersion, device: torch.device, trust_checkpoint
         first.get("trainer_name", "nnUNetTrainer"),
         first.get("inference_allowed_mirroring_axes"))
     return predictor
+
+
+def box_in_preprocessed_grid(box: BodyBox, properties: dict, transpose: Sequence[int],
+                             shape: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The body box (original voxels) in nnU-Net's transposed, cropped and resampled grid."""
+    start = [box.start_zyx[axis] for axis in transpose]
+    stop = [box.stop_zyx[axis] for axis in transpose]
+    nonzero_box = properties["bbox_used_for_cropping"]
+    before = properties["shape_after_cropping_and_before_resampling"]
+    slices = []
+    for axis in range(3):
+        low = min(max(start[axis] - nonzero_box[axis][0], 0), before[axis])
+        high = min(max(stop[axis] - nonzero_box[axis][0], 0), before[axis])
+        scale = shape[axis] / before[axis]
+        slices.append(slice(max(int(np.floor(low * scale)), 0), min(int(np.ceil(high * scale)), shape[axis])))
+    return tuple(slices)
+
+
+def tiles_overlapping(slicers: list, region: tuple[slice, ...], region_shape: Sequence[int],
+                      padded_shape: Sequence[int]) -> list:
+    """The sliding-window tiles that overlap `region` (given in the unpadded grid)."""
+    offsets = [(p - s) // 2 for p, s in zip(padded_shape, region_shape)]  # nnU-Net pads evenly
+    kept = []
+    for tile in slicers:
+        spatial = tile[-len(region):]
+        if all(t.start < r.stop + o and t.stop > r.start + o
+               for t, r, o in zip(spatial, region, offsets)):
+            kept.append(tile)
+    return kept
+
+
+def background_logits(channels: int, dtype: torch.dtype, regions: bool) -> torch.Tensor:
+    """A (channels, 1) column of logits that say 'background' with certainty."""
+    logits = torch.full((channels, 1), -10.0, dtype=dtype)
+    if not regions:
+        logits[0] = 10.0
+    return logits
 
 
 def _release_memory(device: torch.device) -> None:
