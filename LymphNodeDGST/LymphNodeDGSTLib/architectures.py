@@ -18,6 +18,8 @@ from LymphNodeDGSTLib import nnunet_env  # noqa: F401  (sets nnU-Net's environme
 import torch
 from torch import nn
 
+from LymphNodeDGSTLib.weight_stats import snapshot_state
+
 CONFIGURATION = "3d_fullres"
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 
@@ -177,20 +179,6 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = CONFIGUR
     )
 
 
-def cpu_state_dict(state: dict) -> dict:
-    """A detached CPU copy of a state_dict that keeps aliasing: nnU-Net's networks register each
-    convolution under several names, and copying each name separately would triple the file."""
-    copies: dict[tuple, torch.Tensor] = {}
-    result = {}
-    for key, value in state.items():
-        alias = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
-                 tuple(value.shape), tuple(value.stride()), value.dtype)
-        if alias not in copies:
-            copies[alias] = value.detach().to("cpu", copy=True)
-        result[key] = copies[alias]
-    return result
-
-
 def checkpoint_dict(network_weights: dict, plans: dict, dataset_json: dict,
                     configuration: str = CONFIGURATION, fold: int | str = 0,
                     trainer_name: str = "nnUNetTrainer",
@@ -198,7 +186,7 @@ def checkpoint_dict(network_weights: dict, plans: dict, dataset_json: dict,
                     extra: dict | None = None) -> dict:
     """A checkpoint laid out like nnU-Net's own `save_checkpoint` writes it."""
     checkpoint = {
-        "network_weights": cpu_state_dict(network_weights),
+        "network_weights": snapshot_state(network_weights),  # aliases kept: 1 copy per tensor
         "optimizer_state": None,
         "grad_scaler_state": None,
         "logging": {},

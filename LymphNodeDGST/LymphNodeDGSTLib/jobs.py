@@ -312,8 +312,9 @@ def _wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.0
 
 def nnunet_worker_caps() -> dict[str, str]:
     """nnU-Net's worker-process counts for a worker (the user's own settings win)."""
-    cores = max(1, min(os.cpu_count() or 1, 4))
-    return {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": str(cores)}
+    from LymphNodeDGSTLib.nnunet_env import worker_count_defaults
+
+    return worker_count_defaults()
 
 
 def worker_environment(extra: Mapping[str, str] | None = None,

@@ -22,11 +22,11 @@ from LymphNodeDGSTLib import nnunet_env  # noqa: F401  (sets nnU-Net's environme
 import numpy as np
 import torch
 
-from LymphNodeDGSTLib.architectures import checkpoint_dict, cpu_state_dict
+from LymphNodeDGSTLib.architectures import checkpoint_dict
 from LymphNodeDGSTLib.dgst import POLICY_NAMES, MaskedStepper, make_policy, merged_state_dict
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.nnunet_dataset import PreparedDataset, nnunet_folders
-from LymphNodeDGSTLib.weight_stats import weight_change_summary
+from LymphNodeDGSTLib.weight_stats import snapshot_state, weight_change_summary
 
 # Learning rates of the authors' code (DGST.md, comparison methods).
 DEFAULT_LEARNING_RATES = {"full": 1e-3, "bias": 1e-2, "norm": 1e-3, "lora": 1e-3,
@@ -225,7 +225,7 @@ def _trainer_class():
         def adapted_weights(self) -> dict:
             if self.settings.method == "lora":
                 return merged_state_dict(self.network)
-            return cpu_state_dict(self.network.state_dict())
+            return snapshot_state(self.network.state_dict())
 
     return SiteAdaptationTrainer
 
