@@ -1,0 +1,52 @@
+"""The bundled demo model and `lndgst demo`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import SimpleITK as sitk
+
+from LymphNodeDGSTLib.demo_model import DEMO_MODEL_NAME, ensure_default_model, locate_demo_model
+from LymphNodeDGSTLib.home import Home
+from LymphNodeDGSTLib.inference import Segmenter
+from LymphNodeDGSTLib.metrics import dice
+from LymphNodeDGSTLib.models import ModelStore
+from LymphNodeDGSTLib.phantom import generate_phantom
+
+
+def test_demo_model_is_installed_only_into_an_empty_store(tmp_path, tiny_model_folder):
+    assert locate_demo_model() is not None, "the demo model zip must ship with the module"
+    store = ModelStore(tmp_path / "models")
+    assert ensure_default_model(store) == f"{DEMO_MODEL_NAME}@1"
+    assert ensure_default_model(store) is None
+    other = ModelStore(tmp_path / "other")
+    other.install(tiny_model_folder, name="mine", show_progress=False)
+    assert ensure_default_model(other) is None and other.names() == ["mine"]
+
+
+def test_demo_model_segments_an_unseen_site_a_phantom(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    ensure_default_model(store)
+    segmenter = Segmenter(store, device="cpu")
+    scores = []
+    for seed in (7001, 7002):
+        phantom = generate_phantom("A", seed)
+        label = segmenter.segment(phantom.image, fast=True).label
+        scores.append(dice(sitk.GetArrayViewFromImage(label), sitk.GetArrayViewFromImage(phantom.label)))
+    assert min(scores) >= 0.7, scores
+
+
+@pytest.mark.slow
+def test_shortened_demo_runs_the_whole_loop(tmp_path, capsys):
+    from LymphNodeDGSTLib.demo import run_demo
+
+    output = tmp_path / "demo"
+    assert run_demo(Home(tmp_path / "unused"), output, device="cpu", iterations=4, cases=2, tests=1) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"dice_before=\d\.\d{3} dice_after=\d\.\d{3}", lines[-1]), lines[-1]
+    for name in ("overlay_before.png", "overlay_after.png", "adaptation_report.png", "demo_summary.json",
+                 "patient_label_before.nii.gz", "patient_label_after.nii.gz"):
+        assert (output / name).is_file(), name
+    store = ModelStore(output / "home" / "models")
+    assert [v.version for v in store.versions(DEMO_MODEL_NAME)] == [1, 2]
