@@ -23,27 +23,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CT = Path(os.environ.get("LNDGST_SHARED_DATA", REPO.parent / "shared" / "data")) / "ct" / "hn_ct_pycerr.nii.gz"
+# "dice_vs_stock" is over the whole image: the crop variant writes 0 outside the body by design.
 
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, SimpleITK as sitk, torch
-variant, folder, ct, fast = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+variant, folder, ct, fast, device = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[6]
 image = sitk.ReadImage(ct)
 started = time.perf_counter()
 if variant == "stock":
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=not fast, allow_tqdm=False)
+    predictor = nnUNetPredictor(device=torch.device(device), use_mirroring=not fast, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, use_folds=(0,))
     array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
     label = predictor.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
 else:
     from LymphNodeDGSTLib.inference import Segmenter
     from LymphNodeDGSTLib.models import ModelStore
-    segmenter = Segmenter(ModelStore(folder), device="cpu")
+    segmenter = Segmenter(ModelStore(folder), device=device)
     label = sitk.GetArrayFromImage(segmenter.segment(image, fast=fast, crop_body=variant == "ours+crop").label)
 seconds = time.perf_counter() - started
 np.save(sys.argv[5], label.astype(np.uint8))
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_gpu_mb": gpu}))
 """
 
 
@@ -62,10 +65,11 @@ def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]
     return prepared
 
 
-def run_child(variant: str, folder: Path, fast: bool, out: Path) -> dict:
+def run_child(variant: str, folder: Path, fast: bool, out: Path, device: str) -> dict:
     env = dict(os.environ, nnUNet_def_n_proc=str(os.cpu_count() or 2), nnUNet_n_proc_DA="0")
     completed = subprocess.run([sys.executable, "-c", CHILD, variant, str(folder), str(CT),
-                                "1" if fast else "0", str(out)], capture_output=True, text=True, env=env)
+                                "1" if fast else "0", str(out), device], capture_output=True, text=True,
+                               env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -75,6 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,default")
     parser.add_argument("--modes", default="fast,accurate")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not CT.exists():
@@ -94,14 +99,16 @@ def main() -> int:
                 results = {}
                 for variant in ("stock", "ours", "ours+crop"):
                     target = folder if variant == "stock" else store_root
-                    results[variant] = run_child(variant, target, fast, work / f"{variant}.npy")
+                    results[variant] = run_child(variant, target, fast, work / f"{variant}.npy", args.device)
                     results[variant]["label"] = np.load(work / f"{variant}.npy")
                 stock = results["stock"]
                 for variant in ("stock", "ours", "ours+crop"):
                     r = results[variant]
                     rows.append({
                         "model": name, "mode": mode, "variant": variant,
-                        "seconds": round(r["seconds"], 1), "peak_rss_mb": round(r["peak_rss_mb"]),
+                        "device": args.device, "seconds": round(r["seconds"], 1),
+                        "peak_rss_mb": round(r["peak_rss_mb"]),
+                        "peak_gpu_mb": None if r["peak_gpu_mb"] is None else round(r["peak_gpu_mb"]),
                         "speedup_vs_stock": round(stock["seconds"] / r["seconds"], 2),
                         "memory_vs_stock": round(r["peak_rss_mb"] / stock["peak_rss_mb"], 2),
                         "dice_vs_stock": round(dice(r["label"], stock["label"]), 4),
@@ -109,7 +116,7 @@ def main() -> int:
                     })
                     print(json.dumps(rows[-1]), flush=True)
     print()
-    header = ["model", "mode", "variant", "seconds", "peak_rss_mb", "speedup_vs_stock",
+    header = ["model", "mode", "device", "variant", "seconds", "peak_rss_mb", "peak_gpu_mb", "speedup_vs_stock",
               "memory_vs_stock", "dice_vs_stock", "identical_to_stock"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
