@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import json
 import os
-import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from conftest import copy_model, run_cli, tree_snapshot
-from LymphNodeDGSTLib.errors import ModelValidationError, UnsafeCheckpointError, UserInputError
+from LymphNodeDGSTLib.errors import UnsafeCheckpointError, UserInputError
 from LymphNodeDGSTLib.models import ModelStore
 
 CHECKPOINT = Path("fold_0/checkpoint_final.pth")
