@@ -1,0 +1,157 @@
+"""The adaptation benchmark: a smoke run end to end (CLI), resume, the tables, the STS split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, run_cli
+from LymphNodeDGSTLib import cli
+from LymphNodeDGSTLib.bench_adapt import (
+    FIGURE_FILE,
+    RUNS_FILE,
+    STS_TEST,
+    STS_TRAIN,
+    TABLE_FILE,
+    BenchConfig,
+    markdown_table,
+    sts_cases,
+    summarise,
+    table_columns,
+)
+
+
+def table_rows(markdown: str, header_starts: str) -> tuple[list[str], list[dict]]:
+    """The columns and rows of the first Markdown table whose header starts with `header_starts`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_starts))
+    columns = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(columns), line
+        rows.append(dict(zip(columns, cells)))
+    return columns, rows
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, str]:
+    """`lndgst bench adapt --smoke` with no shared data (so the real-label part must be skipped)."""
+    import os
+
+    work = tmp_path_factory.mktemp("bench")
+    empty = work / "no-shared-data"
+    empty.mkdir()
+    previous = os.environ.get("LNDGST_SHARED_DATA")
+    os.environ["LNDGST_SHARED_DATA"] = str(empty)
+    try:
+        completed = run_cli("bench", "adapt", "--smoke", "--output", str(work / "out"),
+                            home=work / "home", timeout=300)
+    finally:
+        if previous is None:
+            os.environ.pop("LNDGST_SHARED_DATA")
+        else:
+            os.environ["LNDGST_SHARED_DATA"] = previous
+    assert completed.returncode == 0, (completed.stdout, completed.stderr)
+    return work / "out", completed.stdout
+
+
+def test_smoke_run_writes_the_table_with_all_columns(smoke_run):
+    output, stdout = smoke_run
+    columns, rows = table_rows((output / TABLE_FILE).read_text(), "| method |")
+    assert columns == table_columns("siteB")
+    for required in ("method", "shots", "dice_siteB_mean", "dice_siteB_std", "dice_siteA_mean",
+                     "weights_changed_share", "seconds", "peak_rss_mb"):
+        assert required in columns
+    by_method = {row["method"]: row for row in rows}
+    assert set(by_method) == {"none", "dgst"}
+    none, dgst = by_method["none"], by_method["dgst"]
+    assert none["shots"] == "0" and dgst["shots"] == "1"
+    for row in rows:
+        assert 0.0 <= float(row["dice_siteB_mean"]) <= 1.0
+        assert 0.0 <= float(row["dice_siteA_mean"]) <= 1.0
+        assert row["dice_siteB_std"] == "-"  # one seed: no spread over seeds
+    assert none["weights_changed_share"] == "0 %" and none["peak_rss_mb"] == "-"
+    share = float(dgst["weights_changed_share"].rstrip(" %"))
+    assert 0.0 < share < 5.0  # sparse: a few entries per kernel plus norms, biases and head
+    assert float(dgst["seconds"]) > 0 and float(dgst["peak_rss_mb"]) > 100
+    assert "real-label part skipped" in stdout and "real-label part skipped" in (output / TABLE_FILE).read_text()
+
+
+def test_smoke_run_keeps_every_run_and_draws_the_figure(smoke_run):
+    output, _ = smoke_run
+    runs = [json.loads(line) for line in (output / RUNS_FILE).read_text().splitlines()]
+    assert [(r["method"], r["status"]) for r in runs] == [("none", "ok"), ("dgst", "ok")]
+    dgst = runs[1]
+    assert dgst["iterations"] == 4 and dgst["learning_rate"] == pytest.approx(1e-2)
+    assert len(dgst["train_cases"]) == 1 and len(dgst["dice"]["siteB"]) == 1
+    assert dgst["peak_rss_mb"] >= dgst["rss_before_training_mb"] > 0
+    assert (output / FIGURE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((output / "results.json").read_text())
+    assert [row["method"] for row in results["phantom"]] == ["none", "dgst"] and results["sts"] == []
+
+
+def test_resume_measures_nothing_twice(smoke_run, monkeypatch):
+    output, _ = smoke_run
+    monkeypatch.setenv("LNDGST_SHARED_DATA", str(output.parent / "no-shared-data"))
+    before = (output / RUNS_FILE).read_text()
+    completed = run_cli("bench", "adapt", "--smoke", "--resume", "--output", str(output),
+                        home=output.parent / "home", timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "2 runs (2 already measured)" in completed.stdout
+    assert (output / RUNS_FILE).read_text() == before
+    other = ["--home", str(output.parent / "home"), "bench", "adapt", "--smoke", "--iterations", "5",
+             "--resume", "--output", str(output)]
+    assert cli.main(other) == cli.EXIT_USAGE  # other settings: refuse to mix the rows
+    assert (output / RUNS_FILE).read_text() == before
+
+
+def test_summary_spreads_over_seeds_and_cases():
+    def row(method, shots, seed, site_b, share):
+        return {"part": "phantom", "status": "ok", "method": method, "shots": shots, "seed": seed,
+                "dice": {"siteB": site_b, "siteA": [0.9, 0.8]},
+                "dice_mean": {"siteB": sum(site_b) / len(site_b), "siteA": 0.85},
+                "weights_changed_share": share, "seconds": 10.0 + seed, "peak_rss_mb": 1000.0}
+
+    rows = [row("dgst", 3, 0, [0.6, 0.8], 0.01), row("dgst", 3, 1, [0.8, 1.0], 0.03),
+            row("none", 0, 0, [0.5, 0.5], 0.0), {"part": "phantom", "status": "failed", "method": "full"}]
+    summary = summarise(rows, "phantom", "siteB")
+    assert [(s["method"], s["shots"], s["runs"]) for s in summary] == [("none", 0, 1), ("dgst", 3, 2)]
+    dgst = summary[1]
+    assert dgst["dice_siteB_mean"] == pytest.approx(0.8)
+    assert dgst["dice_siteB_std"] == pytest.approx(0.1414, abs=1e-3)       # seed means 0.7 and 0.9
+    assert dgst["dice_siteB_case_std"] == pytest.approx(0.1414, abs=1e-3)  # cases 0.6, 0.8, 0.8, 1.0
+    assert dgst["weights_changed_share"] == pytest.approx(0.02) and dgst["seconds"] == pytest.approx(10.5)
+    columns, parsed = table_rows(markdown_table(summary, "siteB"), "| method |")
+    assert columns == table_columns("siteB") and parsed[1]["weights_changed_share"] == "2 %"
+    assert parsed[0]["dice_siteB_std"] == "-" and parsed[1]["dice_siteB_std"] == "0.141"
+
+
+def test_sts_split_is_fixed_disjoint_and_skipped_without_data(tmp_path):
+    assert not set(STS_TRAIN) & set(STS_TEST) and len(STS_TRAIN) == len(STS_TEST) == 5
+    reason = sts_cases(BenchConfig(sts_folder=str(tmp_path)))
+    assert isinstance(reason, str) and "skipped" in reason and "STS_002" in reason
+    if not (SHARED_DATA / "sts").is_dir():
+        pytest.skip(f"shared test data not available: {SHARED_DATA / 'sts'}")
+    train, test = sts_cases(BenchConfig(sts_folder=str(SHARED_DATA / "sts")))
+    assert [c.case_id for c in train] == list(STS_TRAIN) and [c.case_id for c in test] == list(STS_TEST)
+    assert all(Path(c.image).is_file() and Path(c.label).is_file() for c in train + test)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--methods", "dgst,magic"], "unknown method"),
+    (["--shots", "0"], "--shots"),
+    (["--shots", "one"], "whole numbers"),
+    (["--lr", "fast"], "--lr"),
+    (["--iterations", "0"], "--iterations"),
+])
+def test_bad_options_exit_2_before_any_work(arguments, message, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert cli.main(["--home", str(tmp_path / "home"), "bench", "adapt", "--output", str(output)]
+                    + arguments) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not output.exists()
