@@ -45,6 +45,7 @@ position) wins, on every device.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -200,7 +201,7 @@ class StepPlan:
     masked: list[tuple[nn.Parameter, torch.Tensor, int]] = field(default_factory=list)  # (p, mask, count)
 
 
-class UpdatePolicy:
+class UpdatePolicy(ABC):
     """Base class: decides which parameters the optimiser holds and what each step may change.
 
     Constructing a policy sets `requires_grad` on the network: True for what it may train,
@@ -218,13 +219,13 @@ class UpdatePolicy:
         for info in self.infos:
             info.parameter.requires_grad_(id(info.parameter) in keep)
 
+    @abstractmethod
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters to give the optimiser."""
-        raise NotImplementedError
 
+    @abstractmethod
     def plan(self) -> StepPlan:
         """Called after backward (gradients unscaled): what may change in this step."""
-        raise NotImplementedError
 
     def after_step(self, stepped: bool) -> None:
         """Called after the optimiser step; `stepped` is False when a GradScaler skipped it."""
@@ -291,9 +292,9 @@ class SparseFilterPolicy(UpdatePolicy):
         return (sum(info.parameter.numel() for info in self.always)
                 + sum(self.entries_in(info) for info in self.sparse))
 
+    @abstractmethod
     def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
         """Masks (in the weight's own shape) for the convolution weights allowed in this step."""
-        raise NotImplementedError
 
     def plan(self) -> StepPlan:
         masked = [(info.parameter, mask, self.entries_in(info)) for info, mask in self.select()]
