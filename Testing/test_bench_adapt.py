@@ -11,12 +11,14 @@ from conftest import SHARED_DATA, run_cli
 from LymphNodeDGSTLib import cli
 from LymphNodeDGSTLib.bench_adapt import (
     FIGURE_FILE,
+    CaseFile,
     RUNS_FILE,
     STS_TEST,
     STS_TRAIN,
     TABLE_FILE,
     BenchConfig,
     markdown_table,
+    plan_runs,
     sts_cases,
     summarise,
     table_columns,
@@ -140,6 +142,27 @@ def test_sts_split_is_fixed_disjoint_and_skipped_without_data(tmp_path):
     train, test = sts_cases(BenchConfig(sts_folder=str(SHARED_DATA / "sts")))
     assert [c.case_id for c in train] == list(STS_TRAIN) and [c.case_id for c in test] == list(STS_TEST)
     assert all(Path(c.image).is_file() and Path(c.label).is_file() for c in train + test)
+
+
+def test_plan_order_keeps_every_part_measured_early_and_phantoms_can_be_skipped(tmp_path):
+    config = BenchConfig(methods=("none", "bias", "dgst"), shots=(1, 2), seeds=2, site_b_tests=1,
+                         site_a_tests=1, crop_zyx=(8, 32, 32))
+    sts = ([CaseFile("STS_002", "i", "l")], [CaseFile("STS_025", "i", "l")])
+    plan = plan_runs(config, tmp_path / "model", tmp_path / "work", sts, say=lambda _: None)
+    assert [r.run_id for r in plan] == [
+        "phantom-none-k0-s0", "sts-none-k0-s0",
+        "phantom-bias-k1-s0", "phantom-dgst-k1-s0", "phantom-bias-k2-s0", "phantom-dgst-k2-s0",
+        "sts-bias-k1-s0", "sts-dgst-k1-s0",
+        "phantom-bias-k1-s1", "phantom-dgst-k1-s1", "phantom-bias-k2-s1", "phantom-dgst-k2-s1"]
+    by_id = {r.run_id: r for r in plan}
+    one, two = by_id["phantom-dgst-k1-s1"].train, by_id["phantom-dgst-k2-s1"].train
+    assert two[:1] == one and len(two) == 2  # nested shots within a seed
+    assert not {c.case_id for c in two} & {c.case_id for c in by_id["phantom-dgst-k2-s0"].train}
+    assert {c.case_id for c in two}.isdisjoint(c.case_id for c in by_id["phantom-dgst-k2-s1"].evaluate["siteB"])
+    assert by_id["phantom-dgst-k2-s1"].settings["seed"] == 1
+    config.phantoms = False
+    assert [r.run_id for r in plan_runs(config, tmp_path / "model", tmp_path / "work", sts, lambda _: None)] == [
+        "sts-none-k0-s0", "sts-bias-k1-s0", "sts-dgst-k1-s0"]
 
 
 @pytest.mark.parametrize("arguments, message", [

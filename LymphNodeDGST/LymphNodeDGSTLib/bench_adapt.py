@@ -69,6 +69,7 @@ class BenchConfig:
     gamma: int = 2
     site_b_tests: int = 3
     site_a_tests: int = 2
+    phantoms: bool = True                # part 1 (False: only the real-label part)
     sts: bool = True
     sts_folder: str | None = None        # None: $LNDGST_SHARED_DATA/sts or ../shared/data/sts
     sts_train_cases: int = len(STS_TRAIN)
@@ -222,9 +223,10 @@ def plan_runs(config: BenchConfig, foundation: Path, work: Path,
                     for i in range(config.site_b_tests)]
     site_a_tests = [write_phantom_case(phantoms, "A", SITE_A_TEST_SEED + i, config.crop_zyx)
                     for i in range(config.site_a_tests)]
+    seeds = range(config.seeds) if config.phantoms else range(0)
     pools = {seed: [write_phantom_case(phantoms, "B", SITE_B_POOL_SEED + SITE_B_POOL_STRIDE * seed + j,
                                        config.crop_zyx) for j in range(max(config.shots))]
-             for seed in range(config.seeds)}
+             for seed in seeds}
 
     def spec(part: str, method: str, shots: int, seed: int, train: list[CaseFile],
              evaluate: dict[str, list[CaseFile]]) -> RunSpec:
@@ -240,17 +242,19 @@ def plan_runs(config: BenchConfig, foundation: Path, work: Path,
     sts_eval = {STS_TARGET: sts[1], "siteA": site_a_tests} if sts else {}
     baselines, seed_runs, sts_runs = [], {seed: [] for seed in range(config.seeds)}, []
     if "none" in config.methods:
-        baselines.append(spec("phantom", "none", 0, 0, [], phantom_eval))
+        if config.phantoms:
+            baselines.append(spec("phantom", "none", 0, 0, [], phantom_eval))
         if sts:
             baselines.append(spec("sts", "none", 0, 0, [], sts_eval))
-    for seed in range(config.seeds):
+    for seed in seeds:
         for shots in config.shots:
             for method in config.adapting_methods:
                 seed_runs[seed].append(spec("phantom", method, shots, seed, pools[seed][:shots], phantom_eval))
     if sts:
         for method in config.adapting_methods:
             sts_runs.append(spec("sts", method, len(sts[0]), 0, sts[0], sts_eval))
-    return baselines + seed_runs[0] + sts_runs + [r for seed in range(1, config.seeds) for r in seed_runs[seed]]
+    first, *others = [seed_runs[seed] for seed in seeds] or [[]]
+    return baselines + first + sts_runs + [run for runs in others for run in runs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,55 +586,64 @@ METHOD_COLOURS = {"none": "#777777", "full": "#1f77b4", "bias": "#ff7f0e", "norm
 
 
 def write_figure(phantom: list[dict], sts: list[dict], path: Path) -> Path:
-    """Site-B Dice and site-A Dice retained against shots, per method; STS Dice per method."""
+    """Site-B Dice (error bars: spread over seeds) and site-A Dice retained against shots, per
+    method; STS Dice per method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if sts else 2
-    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), dpi=110)
-    for axis, column, title in ((axes[0], f"dice_{PHANTOM_TARGET}_mean", "held-out site-B phantoms"),
-                                (axes[1], "dice_siteA_mean", "site-A phantoms (retained)")):
-        for method in METHODS:
-            points = [r for r in phantom if r["method"] == method]
-            if not points:
-                continue
-            style = {"color": METHOD_COLOURS[method], "label": method,
-                     "linewidth": 2.6 if method == "dgst" else 1.4}
-            if method == "none":
-                axis.axhline(points[0][column], linestyle="--", **style)
-                continue
-            offset = 0.06 * (METHODS.index(method) - len(METHODS) / 2)  # keeps error bars apart
-            shots = [r["shots"] + offset for r in points]
-            values = [r[column] for r in points]
-            spread = [0.0 if math.isnan(r.get(f"dice_{PHANTOM_TARGET}_std", float("nan"))) or column != f"dice_{PHANTOM_TARGET}_mean"
-                      else r[f"dice_{PHANTOM_TARGET}_std"] for r in points]
-            axis.errorbar(shots, values, yerr=spread, marker="o", capsize=3, **style)
-        axis.set_xlabel("site-B training cases (shots)")
-        axis.set_ylabel("Dice")
-        axis.set_title(title, fontsize=10)
-        axis.grid(alpha=0.3)
-        shots_seen = sorted({r["shots"] for r in phantom if r["method"] != "none"})
-        if shots_seen:
-            axis.set_xticks(shots_seen)
-    axes[0].legend(fontsize=8, loc="best")
+    panels = (2 if phantom else 0) + (1 if sts else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), dpi=110, squeeze=False)
+    axes = list(axes[0])
+    if phantom:
+        site_b = f"dice_{PHANTOM_TARGET}_mean"
+        for axis, column, title in ((axes[0], site_b, "held-out site-B phantoms"),
+                                    (axes[1], "dice_siteA_mean", "site-A phantoms (retained)")):
+            _plot_against_shots(axis, phantom, column, with_spread=column == site_b)
+            axis.set_title(title, fontsize=10)
+        axes[0].legend(fontsize=8, loc="best")
     if sts:
-        axis = axes[2]
-        methods = [r["method"] for r in sts]
-        means = [r[f"dice_{STS_TARGET}_mean"] for r in sts]
-        spreads = [r[f"dice_{STS_TARGET}_case_std"] for r in sts]
-        axis.bar(range(len(sts)), means, yerr=spreads, capsize=3, color=[METHOD_COLOURS[m] for m in methods])
-        for x, (value, spread) in enumerate(zip(means, spreads)):
-            axis.text(x, value + spread + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
-        axis.set_xticks(range(len(sts)), methods, rotation=30)
-        axis.set_ylim(0, max(0.1, max(m + s for m, s in zip(means, spreads)) * 1.15))
-        axis.set_ylabel("Dice (error bars: spread over test cases)")
-        axis.set_title(f"real CT, sarcoma GTV ({max(r['shots'] for r in sts)} training case(s))", fontsize=10)
-        axis.grid(alpha=0.3, axis="y")
+        _plot_sts_bars(axes[-1], sts)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def _plot_against_shots(axis, summary: list[dict], column: str, with_spread: bool) -> None:
+    for method in METHODS:
+        points = [r for r in summary if r["method"] == method]
+        if not points:
+            continue
+        style = {"color": METHOD_COLOURS[method], "label": method, "linewidth": 2.6 if method == "dgst" else 1.4}
+        if method == "none":
+            axis.axhline(points[0][column], linestyle="--", **style)
+            continue
+        offset = 0.06 * (METHODS.index(method) - len(METHODS) / 2)  # keeps error bars apart
+        spread = [r[f"dice_{PHANTOM_TARGET}_std"] if with_spread else 0.0 for r in points]
+        axis.errorbar([r["shots"] + offset for r in points], [r[column] for r in points],
+                      yerr=[0.0 if math.isnan(value) else value for value in spread],
+                      marker="o", capsize=3, **style)
+    axis.set_xlabel("site-B training cases (shots)")
+    axis.set_ylabel("Dice")
+    axis.grid(alpha=0.3)
+    shots = sorted({r["shots"] for r in summary if r["method"] != "none"})
+    if shots:
+        axis.set_xticks(shots)
+
+
+def _plot_sts_bars(axis, summary: list[dict]) -> None:
+    methods = [r["method"] for r in summary]
+    means = [r[f"dice_{STS_TARGET}_mean"] for r in summary]
+    spreads = [r[f"dice_{STS_TARGET}_case_std"] for r in summary]
+    axis.bar(range(len(summary)), means, yerr=spreads, capsize=3, color=[METHOD_COLOURS[m] for m in methods])
+    for x, (value, spread) in enumerate(zip(means, spreads)):
+        axis.text(x, value + spread + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(summary)), methods, rotation=30)
+    axis.set_ylim(0, max(0.1, max(m + s for m, s in zip(means, spreads)) * 1.15))
+    axis.set_ylabel("Dice (error bars: spread over test cases)")
+    axis.set_title(f"real CT, sarcoma GTV ({max(r['shots'] for r in summary)} training case(s))", fontsize=10)
+    axis.grid(alpha=0.3, axis="y")
 
 
 if __name__ == "__main__":

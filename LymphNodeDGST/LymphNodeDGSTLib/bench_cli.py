@@ -31,6 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     adapt.add_argument("--test-b", type=int, help="unseen site-B test phantoms (default 3)")
     adapt.add_argument("--test-a", type=int, help="unseen site-A phantoms for forgetting (default 2)")
     adapt.add_argument("--skip-sts", action="store_true", help="skip the real-label (soft-tissue sarcoma) part")
+    adapt.add_argument("--skip-phantoms", action="store_true", help="skip the phantom part (real labels only)")
     adapt.add_argument("--sts", metavar="DIR", help="folder of STS_xxx/image.nii.gz + label.nii.gz "
                        "(default: $LNDGST_SHARED_DATA/sts or ../shared/data/sts)")
     adapt.add_argument("--smoke", action="store_true", help="tiny run for tests: none and dgst, 1 shot, "
@@ -57,6 +58,9 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     if args.lr is not None:
         config.learning_rate = None if args.lr == "authors" else _float(args.lr, "--lr")
     config.sts = not args.skip_sts
+    config.phantoms = not args.skip_phantoms
+    if not (config.sts or config.phantoms):
+        raise UserInputError("--skip-sts with --skip-phantoms leaves nothing to run")
     config.sts_folder = args.sts
     config.device = args.device
     outputs = run_benchmark(config, Path(args.output), resume=args.resume)
