@@ -121,7 +121,7 @@ def test_adapt_wait_publishes_a_better_version_with_report_and_figure(site_b_hom
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["version"] == "lymphnode-demo@2" and summary["parent"] == "lymphnode-demo@1"
-    assert summary["dice_after"] > summary["dice_before"] + 0.03, summary
+    assert summary["dice_after"] > summary["dice_before"] + 0.1, summary  # seen: 0.585 -> 0.870
     assert summary["activated"] and store.active_version("lymphnode-demo") == 2
 
     version = store.resolve("lymphnode-demo@2")
