@@ -17,19 +17,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     benchmarks = bench.add_subparsers(dest="bench_command", parser_class=type(bench))
     adapt = benchmarks.add_parser(
         "adapt", help="adapt the demo model with every method on site-B phantoms and real CT labels",
-        description="Defaults: all methods, shots 1,3,5, 2 seeds, 50 iterations, lr 1e-2 for every "
-                    "method, plus the real-label (STS) part; about an hour on a quiet 2-core CPU.")
+        description="Defaults: all methods, shots 1,3,5, 2 seeds, 40 iterations, lr 1e-2 for every "
+                    "method, 2 site-B and 1 site-A test phantoms, plus the real-label (STS) part; "
+                    "about an hour on a quiet 2-core CPU.")
     adapt.add_argument("--output", default="bench-adapt-output", help="folder for runs.jsonl, results.md, "
                        "results.json and the figure (default bench-adapt-output)")
     adapt.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     adapt.add_argument("--shots", help="comma-separated site-B training case counts (default 1,3,5)")
     adapt.add_argument("--seeds", type=int, help="seeds 0..N-1: which site-B cases and training seed (default 2)")
-    adapt.add_argument("--iterations", type=int, help="fine-tuning iterations, the same for every method (default 50)")
+    adapt.add_argument("--iterations", type=int, help="fine-tuning iterations, the same for every method (default 40)")
     adapt.add_argument("--lr", help="learning rate for every method (default 1e-2), or 'authors' for "
                        "each method's authors' rate")
     adapt.add_argument("--gamma", type=int, help="entries per kernel for dgst, random, static (default 2)")
-    adapt.add_argument("--test-b", type=int, help="unseen site-B test phantoms (default 3)")
-    adapt.add_argument("--test-a", type=int, help="unseen site-A phantoms for forgetting (default 2)")
+    adapt.add_argument("--test-b", type=int, help="unseen site-B test phantoms (default 2)")
+    adapt.add_argument("--test-a", type=int, help="unseen site-A phantoms for forgetting (default 1)")
     adapt.add_argument("--skip-sts", action="store_true", help="skip the real-label (soft-tissue sarcoma) part")
     adapt.add_argument("--skip-phantoms", action="store_true", help="skip the phantom part (real labels only)")
     adapt.add_argument("--sts", metavar="DIR", help="folder of STS_xxx/image.nii.gz + label.nii.gz "
