@@ -22,6 +22,7 @@ from LymphNodeDGSTLib.bench_adapt import (
     sts_cases,
     summarise,
     table_columns,
+    write_reports,
 )
 
 
@@ -82,6 +83,8 @@ def test_smoke_run_writes_the_table_with_all_columns(smoke_run):
     assert 0.0 < share < 5.0  # sparse: a few entries per kernel plus norms, biases and head
     assert float(dgst["seconds"]) > 0 and float(dgst["peak_rss_mb"]) > 100
     assert "real-label part skipped" in stdout and "real-label part skipped" in (output / TABLE_FILE).read_text()
+    run_time = next(line for line in (output / TABLE_FILE).read_text().splitlines() if line.startswith("Run time:"))
+    assert run_time.startswith("Run time: 2 runs, ") and " 0.0 min " not in run_time
 
 
 def test_smoke_run_keeps_every_run_and_draws_the_figure(smoke_run):
@@ -131,6 +134,20 @@ def test_summary_spreads_over_seeds_and_cases():
     columns, parsed = table_rows(markdown_table(summary, "siteB"), "| method |")
     assert columns == table_columns("siteB") and parsed[1]["weights_changed_share"] == "2 %"
     assert parsed[0]["dice_siteB_std"] == "-" and parsed[1]["dice_siteB_std"] == "0.141"
+
+
+def test_real_label_only_report_says_the_phantom_part_was_skipped(tmp_path):
+    config = BenchConfig(methods=("none", "dgst"), phantoms=False, iterations=250)
+    sts_row = {"part": "sts", "status": "ok", "method": "dgst", "shots": 5, "seed": 0,
+               "dice": {"sts": [0.1, 0.3], "siteA": [0.5]}, "dice_mean": {"sts": 0.2, "siteA": 0.5},
+               "weights_changed_share": 0.14, "seconds": 148.0, "peak_rss_mb": 1713.0, "process_seconds": 240.0}
+    outputs = write_reports([sts_row], config, tmp_path, sts_skipped=None)
+    text = outputs.table.read_text()
+    assert "phantom part skipped (--skip-phantoms)" in text and "seed(s)" not in text
+    assert "Run time: 1 run, 4.0 min in all" in text
+    _, parsed = table_rows(text, "| method |")
+    assert [(row["method"], row["dice_sts_mean"], row["weights_changed_share"]) for row in parsed] == [
+        ("dgst", "0.200", "14 %")]
 
 
 def test_sts_split_is_fixed_disjoint_and_skipped_without_data(tmp_path):

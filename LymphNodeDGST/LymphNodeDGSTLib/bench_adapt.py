@@ -537,18 +537,23 @@ def write_reports(rows: list[dict], config: BenchConfig, output: Path, sts_skipp
     sts = summarise(rows, "sts", STS_TARGET)
     failed = [row["run_id"] for row in rows if row.get("status") != "ok"]
     lr = "each method's authors' rate" if config.learning_rate is None else f"{config.learning_rate:g} for every method"
+    run_seconds = sum(row.get("process_seconds") or 0.0 for row in rows)
     text = [
         "# Adaptation benchmark",
         "",
         f"Machine: {machine_description(config.device)}. Date: {time.strftime('%Y-%m-%d %H:%M')}.",
         f"Protocol: {config.iterations} iterations per fine-tune, learning rate {lr}, gamma {config.gamma}; "
-        f"{config.seeds} seed(s); evaluation without mirroring"
+        + (f"{config.seeds} seed(s) for the phantom part; " if config.phantoms else "")
+        + "evaluation without mirroring"
         + (f"; images centre-cropped to {config.crop_zyx} (z, y, x) voxels" if config.crop_zyx else "") + ".",
+        f"Run time: {len(rows)} run{'' if len(rows) == 1 else 's'}, {_minutes(run_seconds)} in all "
+        "(sum over the runs' processes, setup excluded).",
         "",
         f"## Phantoms: site-A demo model adapted to site B ({config.site_b_tests} site-B and "
         f"{config.site_a_tests} site-A test phantoms)",
         "",
-        markdown_table(phantom, PHANTOM_TARGET) if phantom else "(no phantom runs)",
+        markdown_table(phantom, PHANTOM_TARGET) if phantom
+        else ("phantom part skipped (--skip-phantoms)" if not config.phantoms else "(no phantom runs)"),
         "",
         "## Real labels: soft-tissue sarcoma CT (adapt on "
         + (", ".join(STS_TRAIN[:config.sts_train_cases]) + "; test on " + ", ".join(STS_TEST[:config.sts_test_cases]) + ")"),
