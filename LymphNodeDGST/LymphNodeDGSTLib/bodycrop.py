@@ -1,4 +1,4 @@
-"""Crop a CT to the patient's body before inference, and paste the result back.
+"""Find the box around the patient's body in a CT; the segmenter runs the network only there.
 
 How the body is found (fast on a clinical CT, robust to the scanner table):
 
@@ -63,15 +63,6 @@ class BodyBox:
         """True when the box is the whole array (cropping would change nothing)."""
         return self.start_zyx == (0, 0, 0) and self.stop_zyx == tuple(full_shape)
 
-    @property
-    def sitk_index_xyz(self) -> list[int]:
-        """The box's first voxel as a SimpleITK (x, y, z) index, e.g. for ``RegionOfInterest``."""
-        return [int(v) for v in reversed(self.start_zyx)]
-
-    @property
-    def sitk_size_xyz(self) -> list[int]:
-        return [int(v) for v in reversed(self.shape)]
-
 
 def find_body_box(
     array_zyx: np.ndarray,
@@ -107,25 +98,6 @@ def find_body_box(
     stop = tuple(int(min(n, s.stop * b + m))
                  for s, b, m, n in zip(body_slices, blocks, margins, shape))
     return BodyBox(start, stop)
-
-
-def crop(array: np.ndarray, box: BodyBox) -> np.ndarray:
-    """The box's part of ``array`` (a view); leading axes, e.g. channels, are kept whole."""
-    return array[(Ellipsis, *box.slices)]
-
-
-def paste_back(
-    cropped: np.ndarray, box: BodyBox, full_shape: Sequence[int], fill: float | int = 0
-) -> np.ndarray:
-    """A ``full_shape`` array holding ``cropped`` inside the box and ``fill`` elsewhere."""
-    full_shape = tuple(full_shape)
-    if tuple(cropped.shape[-3:]) != box.shape:
-        raise ValueError(f"cropped shape {cropped.shape} does not match the box {box.shape}")
-    if tuple(cropped.shape[:-3]) != full_shape[:-3]:
-        raise ValueError(f"cropped shape {cropped.shape} does not fit into {full_shape}")
-    full = np.full(full_shape, fill, dtype=cropped.dtype)
-    full[(Ellipsis, *box.slices)] = cropped
-    return full
 
 
 def _in_plane_disk(radius_mm: float, spacing_yx: Sequence[float]) -> np.ndarray:
