@@ -278,7 +278,7 @@ def execute_run(spec: RunSpec) -> dict:
     from LymphNodeDGSTLib.checkpoints import load_checkpoint
     from LymphNodeDGSTLib.devices import choose_device
     from LymphNodeDGSTLib.inference import Segmenter
-    from LymphNodeDGSTLib.metrics import dice
+    from LymphNodeDGSTLib.metrics import image_dice
     from LymphNodeDGSTLib.modelcheck import find_checkpoints
     from LymphNodeDGSTLib.models import ModelStore, ModelVersion
     from LymphNodeDGSTLib.nnunet_dataset import TrainingCase, prepare_dataset
@@ -321,9 +321,7 @@ def execute_run(spec: RunSpec) -> dict:
         scores = []
         for case in cases:
             label = segmenter.segment(sitk.ReadImage(case.image), model=version, fast=True).label
-            truth = sitk.ReadImage(case.label)
-            scores.append(round(dice(sitk.GetArrayViewFromImage(label) > 0,
-                                     sitk.GetArrayViewFromImage(truth) > 0), 4))
+            scores.append(round(image_dice(label, sitk.ReadImage(case.label)), 4))
         row["dice"][name] = scores
     row["eval_seconds"] = round(time.perf_counter() - started, 2)
     row["dice_mean"] = {name: float(np.mean(scores)) for name, scores in row["dice"].items()}

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
+from LymphNodeDGSTLib.metrics import image_dice
 
 PATIENT_SEED = 100          # site-B phantom segmented before and after
 CASE_SEEDS = range(200, 205)  # site-B phantoms added as corrected cases
@@ -70,7 +71,7 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
     before = segmenter.segment(patient.image, fast=True).label
     sitk.WriteImage(before, str(output / "patient_label_before.nii.gz"))
     _say(f"2/6 segmented a site-B patient phantom with {segmenter.loaded_version.ref}: "
-         f"Dice {_dice(before, patient.label):.3f}")
+         f"Dice {image_dice(before, patient.label):.3f}")
 
     library = CaseLibrary(demo_home.cases)
     for seed in list(CASE_SEEDS)[:cases]:
@@ -94,7 +95,7 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
     after = segmenter.segment(patient.image, fast=True).label
     sitk.WriteImage(after, str(output / "patient_label_after.nii.gz"))
     _say(f"5/6 segmented the patient again with {segmenter.loaded_version.ref} (hot swap, no "
-         f"restart): Dice {_dice(after, patient.label):.3f}")
+         f"restart): Dice {image_dice(after, patient.label):.3f}")
     write_overlay(patient.image, patient.label, before, output / "overlay_before.png", "before adaptation")
     write_overlay(patient.image, patient.label, after, output / "overlay_after.png", "after adaptation")
     shutil.copy2(result["figure"], output / "adaptation_report.png")
@@ -106,7 +107,7 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
         phantom = generate_phantom("B", seed)
         for key, version in (("before", parent), ("after", adapted)):
             label = segmenter.segment(phantom.image, model=version, fast=True).label
-            scores[key].append(_dice(label, phantom.label))
+            scores[key].append(image_dice(label, phantom.label))
     dice_before, dice_after = float(np.mean(scores["before"])), float(np.mean(scores["after"]))
     summary = {"model": model, "adapted": result["version"], "activated": result["activated"],
                "iterations": iterations, "device": str(chosen),
@@ -122,11 +123,6 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
 
 def _say(message: str) -> None:
     print(message, flush=True)
-
-
-def _dice(label: sitk.Image, truth: sitk.Image) -> float:
-    from LymphNodeDGSTLib.metrics import dice
-    return dice(sitk.GetArrayViewFromImage(label) > 0, sitk.GetArrayViewFromImage(truth) > 0)
 
 
 def write_overlay(ct: sitk.Image, truth: sitk.Image, prediction: sitk.Image, path: Path, title: str) -> Path:

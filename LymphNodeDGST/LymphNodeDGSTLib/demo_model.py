@@ -117,10 +117,9 @@ def train_demo_model(output_zip: Path, seed: int = 0, cases: int = 16, iteration
 def validate(results_folder: Path, count: int, device) -> list[float]:
     """Dice of the trained model on unseen site-A phantoms (accurate mode)."""
     from LymphNodeDGSTLib.inference import Segmenter
-    from LymphNodeDGSTLib.metrics import dice
+    from LymphNodeDGSTLib.metrics import image_dice
     from LymphNodeDGSTLib.models import ModelStore, ModelVersion
     from LymphNodeDGSTLib.phantom import generate_phantom
-    import SimpleITK as sitk
 
     segmenter = Segmenter(ModelStore(results_folder / "unused-store"), device=str(device))
     version = ModelVersion(DEMO_MODEL_NAME, 0, results_folder, {})
@@ -128,7 +127,7 @@ def validate(results_folder: Path, count: int, device) -> list[float]:
     for index in range(count):
         phantom = generate_phantom("A", VALIDATION_SEED_OFFSET + index)
         label = segmenter.segment(phantom.image, model=version).label
-        scores.append(round(dice(sitk.GetArrayViewFromImage(label), sitk.GetArrayViewFromImage(phantom.label)), 4))
+        scores.append(round(image_dice(label, phantom.label), 4))
     return scores
 
 

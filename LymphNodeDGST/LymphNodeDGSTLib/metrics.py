@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 
@@ -15,6 +16,11 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+
+
+def image_dice(label: sitk.Image, truth: sitk.Image) -> float:
+    """Dice of two label images, every non-zero label counting as foreground."""
+    return dice(sitk.GetArrayViewFromImage(label) > 0, sitk.GetArrayViewFromImage(truth) > 0)
 
 
 def hd95(prediction: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float]) -> float | None:
