@@ -1,7 +1,7 @@
 """LymphNodeDGST: the 3D Slicer module. Glue only: Qt widgets <-> LymphNodeDGSTLib.
 
-Long work runs in background jobs (LymphNodeDGSTLib.jobs) followed by a QTimer; the panel's state
-machine and everything it shows come from LymphNodeDGSTLib.panel, which is tested without Slicer.
+Long work runs in background jobs (LymphNodeDGSTLib.jobs.manager) followed by a QTimer; the panel's state
+machine and everything it shows come from LymphNodeDGSTLib.slicer_bridge.panel, which is tested without Slicer.
 Core modules that need torch or nnU-Net are imported only once the packages are installed.
 """
 
@@ -20,10 +20,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from LymphNodeDGSTLib import dependencies
+from LymphNodeDGSTLib.slicer_bridge import dependencies
 from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.jobs import JobManager
-from LymphNodeDGSTLib.panel import (ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
+from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
                                     MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
                                     JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
                                     adaptation_outcome, case_rows, device_text, failure_text,
@@ -475,17 +475,17 @@ class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
         return JobManager(self.home.jobs)
 
     def store(self):
-        from LymphNodeDGSTLib.models import ModelStore
+        from LymphNodeDGSTLib.engine.models import ModelStore
 
         return ModelStore(self.home.models)
 
     def library(self):
-        from LymphNodeDGSTLib.cases import CaseLibrary
+        from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
 
         return CaseLibrary(self.home.cases)
 
     def ensureDefaultModel(self):
-        from LymphNodeDGSTLib.demo_model import ensure_default_model
+        from LymphNodeDGSTLib.demo.demo_model import ensure_default_model
 
         return ensure_default_model(self.store())
 
@@ -521,7 +521,7 @@ class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
         return import_segmentation_result(files, volumeNode, slicer.mrmlScene, segmentationNode, tableNode)
 
     def segmentInProcess(self, volumeNode, segmentationNode=None, model=None, device="auto", fast=True):
-        from LymphNodeDGSTLib.inference import Segmenter
+        from LymphNodeDGSTLib.engine.inference import Segmenter
 
         if self._segmenterKey != (self.home.models, device):  # kept loaded between calls
             self._segmenter, self._segmenterKey = Segmenter(self.store(), device=device), (self.home.models, device)
@@ -551,9 +551,9 @@ class LymphNodeDGSTTest(ScriptedLoadableModuleTest):
 
     def test_segment_save_case_and_adapt(self):
         from LymphNodeDGSTLib.home import Home
-        from LymphNodeDGSTLib.mrml import (LYMPH_NODE_TERMINOLOGY, labelmap_array_to_segmentation,
+        from LymphNodeDGSTLib.slicer_bridge.mrml import (LYMPH_NODE_TERMINOLOGY, labelmap_array_to_segmentation,
                                            sitk_image_to_volume_node)
-        from LymphNodeDGSTLib.phantom import generate_phantom
+        from LymphNodeDGSTLib.demo.phantom import generate_phantom
         import SimpleITK as sitk
 
         plan = dependencies.plan_installation(hasattr(slicer.modules, "pytorchutils"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from LymphNodeDGSTLib.atomic import write_text_atomic
 from LymphNodeDGSTLib.errors import OutOfMemory, UserInputError
-from LymphNodeDGSTLib.jobs import Reporter
+from LymphNodeDGSTLib.jobs.manager import Reporter
 
 
 def count(params: dict, reporter: Reporter) -> dict:

@@ -13,13 +13,13 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cli, tree_snapshot
-from LymphNodeDGSTLib.adapt import AdaptRequest, check_request, split_cases
-from LymphNodeDGSTLib.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, check_request, split_cases
+from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.inference import Segmenter
-from LymphNodeDGSTLib.jobs import JobManager
-from LymphNodeDGSTLib.models import ModelStore
+from LymphNodeDGSTLib.engine.inference import Segmenter
+from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.engine.models import ModelStore
 
 
 def blob_case(seed: int, shape=(32, 64, 64)) -> tuple[sitk.Image, sitk.Image]:
@@ -78,7 +78,7 @@ def test_bad_requests_fail_before_any_training(installed_home, tiny_model_folder
     dataset = json.loads((three_labels / "dataset.json").read_text())
     dataset["labels"] = {"background": 0, "node": 1, "vessel": 2}
     (three_labels / "dataset.json").write_text(json.dumps(dataset))
-    from LymphNodeDGSTLib.architectures import build_network, checkpoint_dict, read_json
+    from LymphNodeDGSTLib.engine.architectures import build_network, checkpoint_dict, read_json
     plans = read_json(three_labels / "plans.json")
     torch.save(checkpoint_dict(build_network(plans, dataset).state_dict(), plans, dataset),
                three_labels / "fold_0" / "checkpoint_final.pth")
@@ -95,8 +95,8 @@ def test_bad_requests_fail_before_any_training(installed_home, tiny_model_folder
 def site_b_home(home) -> Home:
     """The demo model (trained on site-A phantoms) and four corrected site-B phantoms: a real
     domain shift (contrast, thinner slices, noise, larger and necrotic nodes)."""
-    from LymphNodeDGSTLib.demo_model import ensure_default_model
-    from LymphNodeDGSTLib.phantom import generate_phantom
+    from LymphNodeDGSTLib.demo.demo_model import ensure_default_model
+    from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
     assert ensure_default_model(ModelStore(home / "models")) == "lymphnode-demo@1"
     library = CaseLibrary(home / "cases")
@@ -108,7 +108,7 @@ def site_b_home(home) -> Home:
 
 @pytest.mark.slow
 def test_adapt_wait_publishes_a_better_version_with_report_and_figure(site_b_home):
-    from LymphNodeDGSTLib.phantom import generate_phantom
+    from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
     store = ModelStore(site_b_home.models)
     segmenter = Segmenter(store, device="cpu")

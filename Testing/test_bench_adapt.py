@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, run_cli
-from LymphNodeDGSTLib import cli
-from LymphNodeDGSTLib.bench_adapt import (
+from LymphNodeDGSTLib.cli import main as cli
+from LymphNodeDGSTLib.demo.bench_adapt import (
     FIGURE_FILE,
     CaseFile,
     RUNS_FILE,

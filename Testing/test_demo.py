@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-from LymphNodeDGSTLib.demo_model import DEMO_MODEL_NAME, ensure_default_model, locate_demo_model
+from LymphNodeDGSTLib.demo.demo_model import DEMO_MODEL_NAME, ensure_default_model, locate_demo_model
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.inference import Segmenter
-from LymphNodeDGSTLib.metrics import image_dice
-from LymphNodeDGSTLib.models import ModelStore
-from LymphNodeDGSTLib.phantom import generate_phantom
+from LymphNodeDGSTLib.engine.inference import Segmenter
+from LymphNodeDGSTLib.adaptation.metrics import image_dice
+from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
 
 def test_demo_model_is_installed_only_into_an_empty_store(tmp_path, tiny_model_folder):
@@ -38,7 +38,7 @@ def test_demo_model_segments_an_unseen_site_a_phantom(tmp_path):
 
 @pytest.mark.slow
 def test_shortened_demo_runs_the_whole_loop(tmp_path, capsys):
-    from LymphNodeDGSTLib.demo import run_demo
+    from LymphNodeDGSTLib.demo.run_demo import run_demo
 
     output = tmp_path / "demo"
     assert run_demo(Home(tmp_path / "unused"), output, device="cpu", iterations=4, cases=2, tests=1) == 0

@@ -18,12 +18,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_ct, run_cli
-from LymphNodeDGSTLib import jobs, segment_job
+from LymphNodeDGSTLib.jobs import manager as jobs, segment_job
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
-from LymphNodeDGSTLib.jobs import (DeviceBusy, JobManager, Reporter, acquire_device_lock,
+from LymphNodeDGSTLib.jobs.manager import (DeviceBusy, JobManager, Reporter, acquire_device_lock,
                                    device_lock_path, read_device_lock, read_events,
                                    worker_environment)
-from LymphNodeDGSTLib.jobs_cli import follow_job
+from LymphNodeDGSTLib.jobs.follow import follow_job
 
 TESTING = Path(__file__).resolve().parent
 TEST_ENV = {"PYTHONPATH": str(TESTING)}  # so workers can import jobkinds_for_tests
@@ -214,7 +214,7 @@ def test_exclusive_jobs_one_per_device(manager, tmp_path):
     holder = read_device_lock(manager.root, "cpu")
     assert "an adaptation is already running on cpu" in jobs.busy_message(
         jobs.DeviceLock(holder.path, "cpu", holder.pid, holder.job, "adapt"))
-    from LymphNodeDGSTLib.devices import choose_device
+    from LymphNodeDGSTLib.engine.devices import choose_device
     if choose_device("auto").type == "cpu":  # then "auto" shares the cpu's lock
         with pytest.raises(DeviceBusy):
             submit(manager, "count", LONG, device="auto", exclusive_device=True)
@@ -229,7 +229,7 @@ def test_exclusive_jobs_one_per_device(manager, tmp_path):
 
     # A worker that loses the race (its job slipped past submit's check) fails cleanly.
     racer = manager._create("jobkinds_for_tests:count", {"steps": 2}, "cpu", True)
-    completed = subprocess.run([sys.executable, "-m", "LymphNodeDGSTLib.worker", str(racer)],
+    completed = subprocess.run([sys.executable, "-m", "LymphNodeDGSTLib.jobs.worker", str(racer)],
                                env=worker_environment(TEST_ENV), capture_output=True, timeout=60)
     assert completed.returncode == 1
     lost = manager.get(racer.name)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeDGSTLib.metrics import dice, hd95, image_dice
+from LymphNodeDGSTLib.adaptation.metrics import dice, hd95, image_dice
 
 
 def test_dice_counts_overlap_and_treats_two_empty_masks_as_perfect():

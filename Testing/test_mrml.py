@@ -20,8 +20,8 @@ slicer = pytest.importorskip(
 vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
-from LymphNodeDGSTLib import mrml  # noqa: E402  (needs slicer)
-from LymphNodeDGSTLib.geometry import ImageGeometry  # noqa: E402
+from LymphNodeDGSTLib.slicer_bridge import mrml  # noqa: E402  (needs slicer)
+from LymphNodeDGSTLib.engine.geometry import ImageGeometry  # noqa: E402
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 SPACING = (0.7, 0.9, 3.0)

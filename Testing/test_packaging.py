@@ -216,7 +216,7 @@ def test_module_ships_the_whole_core_package_and_its_resources(configured):
         path.relative_to(MODULE_DIR).as_posix()
         for path in (MODULE_DIR / "LymphNodeDGSTLib").rglob("*.py")
     )
-    assert "LymphNodeDGSTLib/__init__.py" in core and "LymphNodeDGSTLib/mrml.py" in core
+    assert "LymphNodeDGSTLib/__init__.py" in core and "LymphNodeDGSTLib/slicer_bridge/mrml.py" in core
     assert sorted(s for s in scripts if s.startswith("LymphNodeDGSTLib/")) == core
     assert "LymphNodeDGST.py" in scripts
     assert "Resources/Icons/LymphNodeDGST.png" in resources

@@ -1,5 +1,5 @@
-"""The Slicer panel's logic without Qt (LymphNodeDGSTLib.panel) and the first-use dependency plan
-(LymphNodeDGSTLib.dependencies): state machine, job following with real worker processes, tables,
+"""The Slicer panel's logic without Qt (LymphNodeDGSTLib.slicer_bridge.panel) and the first-use dependency plan
+(LymphNodeDGSTLib.slicer_bridge.dependencies): state machine, job following with real worker processes, tables,
 training cases, background segmentation and installs, and the scene side with slicer-core."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, make_ct
-from LymphNodeDGSTLib import dependencies, panel
+from LymphNodeDGSTLib.slicer_bridge import dependencies, panel
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.jobs import JobManager
-from LymphNodeDGSTLib.panel import PanelState
+from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.slicer_bridge.panel import PanelState
 
 # Workers import this file for the fake_training job kind: torch-importing core modules
 # (models, cases' callers) are imported inside the tests to keep those workers quick.
@@ -235,7 +235,7 @@ def test_live_curve_png_has_the_asked_size(tmp_path):
 
 # --------------------------------------------------------------------------- tables
 def test_model_rows_mark_the_active_version_and_show_adapted_ones(installed_home, tiny_model_folder):
-    from LymphNodeDGSTLib.models import ModelStore
+    from LymphNodeDGSTLib.engine.models import ModelStore
 
     store = ModelStore(installed_home / "models")
     store.add_version("tiny", tiny_model_folder, {
@@ -265,7 +265,7 @@ def test_model_rows_mark_the_active_version_and_show_adapted_ones(installed_home
 
 
 def test_training_case_from_a_mask_and_its_row(tmp_path):
-    from LymphNodeDGSTLib.cases import CaseLibrary
+    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
 
     library = CaseLibrary(tmp_path / "cases")
     ct = make_ct(origin=(10.0, -20.0, 5.0))
@@ -300,7 +300,7 @@ def test_training_segment_choice():
 
 
 def test_node_report_csv_round_trip_ras_centroid_and_cells(tmp_path):
-    from LymphNodeDGSTLib.nodes import node_report, write_node_csv
+    from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
 
     ct = make_ct(origin=(30.0, -40.0, 12.0))
     label = sitk.Cast(sitk.BinaryThreshold(ct, 60, 200), sitk.sitkUInt8)
@@ -345,8 +345,8 @@ def test_background_segmentation_with_the_tiny_model(installed_home):
 
 
 def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folder, tmp_path):
-    from LymphNodeDGSTLib.jobs import Reporter, read_events
-    from LymphNodeDGSTLib.models import ModelStore
+    from LymphNodeDGSTLib.jobs.manager import Reporter, read_events
+    from LymphNodeDGSTLib.engine.models import ModelStore
 
     home = Home(home)
     manager = JobManager(home.jobs)
@@ -370,8 +370,8 @@ def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folde
 
 
 def test_adaptation_is_checked_pinned_and_never_activated_by_the_job(installed_home):
-    from LymphNodeDGSTLib.cases import CaseLibrary
-    from LymphNodeDGSTLib.models import ModelStore
+    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+    from LymphNodeDGSTLib.engine.models import ModelStore
 
     home = Home(installed_home)
     manager = JobManager(home.jobs)
@@ -425,8 +425,8 @@ def test_worker_python_prefers_slicers_own_and_home_setting(tmp_path, monkeypatc
 
 
 def test_constants_match_the_core():
-    from LymphNodeDGSTLib.devices import DEVICE_CHOICES
-    from LymphNodeDGSTLib.dgst import POLICY_NAMES
+    from LymphNodeDGSTLib.engine.devices import DEVICE_CHOICES
+    from LymphNodeDGSTLib.adaptation.dgst import POLICY_NAMES
 
     assert panel.DEVICE_CHOICES == DEVICE_CHOICES
     assert set(panel.ADAPT_METHODS) == set(POLICY_NAMES) and panel.ADAPT_METHODS[0] == "dgst"
@@ -438,11 +438,11 @@ def test_constants_match_the_core():
 def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML library) is not installed")
     import vtk
-    from LymphNodeDGSTLib import mrml
-    from LymphNodeDGSTLib.cases import CaseLibrary
-    from LymphNodeDGSTLib.models import ModelStore
-    from LymphNodeDGSTLib.inference import Segmenter
-    from LymphNodeDGSTLib.nodes import node_report
+    from LymphNodeDGSTLib.slicer_bridge import mrml
+    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.nodes import node_report
 
     scene = slicer.vtkMRMLScene()
     ct = make_ct(origin=(30.0, -40.0, 12.0))
@@ -459,7 +459,7 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     label = sitk.GetImageFromArray(mask.astype(np.uint8))
     label.CopyInformation(ct)
     sitk.WriteImage(label, str(files.output))
-    from LymphNodeDGSTLib.nodes import write_node_csv
+    from LymphNodeDGSTLib.engine.nodes import write_node_csv
     write_node_csv(node_report(label, ct), files.nodes_csv)
     segmentation, table, rows = panel.import_segmentation_result(files, volume, scene)
     segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(panel.LYMPH_NODE_SEGMENT)
@@ -625,8 +625,8 @@ def test_gpu_advice():
 def test_node_centroids_land_on_the_node_in_world_ras_and_the_editor_node_is_a_singleton():
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML library) is not installed")
     import vtk
-    from LymphNodeDGSTLib import mrml
-    from LymphNodeDGSTLib.nodes import node_report
+    from LymphNodeDGSTLib.slicer_bridge import mrml
+    from LymphNodeDGSTLib.engine.nodes import node_report
 
     scene = slicer.vtkMRMLScene()
     ct = make_ct(direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1), origin=(80.0, 60.0, -30.0))

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from LymphNodeDGSTLib import phantom as phantom_module
+from LymphNodeDGSTLib.demo import phantom as phantom_module
 from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.phantom import (
+from LymphNodeDGSTLib.demo.phantom import (
     BONE_TISSUES,
     NODE_MARGIN_MM,
     SITE_PROFILES,

@@ -2,7 +2,7 @@
 
 import sys
 
-from LymphNodeDGSTLib.cli import main
+from LymphNodeDGSTLib.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,3 +23,7 @@ class Cancelled(Exception):
 
 class OutOfMemory(Exception):
     """The device ran out of memory; the message says what to try instead."""
+
+
+# Exit status of the command line and of anything that follows a job on a terminal.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

@@ -31,7 +31,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from LymphNodeDGSTLib import architectures, dgst
+from LymphNodeDGSTLib.adaptation import dgst
+from LymphNodeDGSTLib.engine import architectures
 
 CPU_DEFAULT_PATCH = (40, 96, 96)  # the foundation's (40, 192, 192) takes ~70 s a step on 2 cores
 

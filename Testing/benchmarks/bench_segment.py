@@ -37,8 +37,8 @@ if variant == "stock":
     array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
     label = predictor.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
 else:
-    from LymphNodeDGSTLib.inference import Segmenter
-    from LymphNodeDGSTLib.models import ModelStore
+    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.models import ModelStore
     segmenter = Segmenter(ModelStore(folder), device=device)
     label = sitk.GetArrayFromImage(segmenter.segment(image, fast=fast, crop_body=variant == "ours+crop").label)
 seconds = time.perf_counter() - started
@@ -51,8 +51,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource
 
 def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
     """name -> (results folder for stock, store root for ours)."""
-    from LymphNodeDGSTLib.architectures import create_random_model, default_foundation_spec, tiny_spec
-    from LymphNodeDGSTLib.models import ModelStore
+    from LymphNodeDGSTLib.engine.architectures import create_random_model, default_foundation_spec, tiny_spec
+    from LymphNodeDGSTLib.engine.models import ModelStore
 
     specs = {"tiny": tiny_spec(), "default": default_foundation_spec()}
     prepared = {}
@@ -86,7 +86,7 @@ def main() -> int:
         return 0
     import numpy as np
 
-    from LymphNodeDGSTLib.metrics import dice
+    from LymphNodeDGSTLib.adaptation.metrics import dice
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as scratch:

@@ -18,6 +18,6 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 echo "== DGST step benchmark (CUDA, AMP)"
 timeout 240 python3 Testing/benchmarks/bench_dgst_step.py --device cuda --json "$OUT/bench_dgst_step_cuda.json" 2>&1 | tail -40
 echo "== demo model training"
-timeout 330 python3 -m LymphNodeDGSTLib.demo_model --output "$OUT/lymphnode-demo.zip" --device cuda \
+timeout 330 python3 -m LymphNodeDGSTLib.demo.demo_model --output "$OUT/lymphnode-demo.zip" --device cuda \
   --iterations "${DEMO_ITERATIONS:-3000}" --cases 24 2>&1 | tail -45
 ls -la "$OUT"

@@ -1,0 +1,1 @@
+"""The `lndgst` command line: the parser in main.py, one file per command group."""

@@ -1,0 +1,68 @@
+"""`lndgst adapt`: start (and optionally follow) a background adaptation job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from LymphNodeDGSTLib.cli.options import add_device
+from LymphNodeDGSTLib.adaptation.methods import METHOD_HELP, METHODS
+from LymphNodeDGSTLib.errors import EXIT_OK
+from LymphNodeDGSTLib.home import Home
+
+COMMAND = "adapt"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    adapt = commands.add_parser("adapt", help="fine-tune the model on the case library (background job)")
+    adapt.add_argument("--model", help="NAME (its active version is the parent; default: the only model)")
+    adapt.add_argument("--method", default="dgst", choices=METHODS, help=METHOD_HELP)
+    adapt.add_argument("--gamma", type=int, default=2, help="entries updated per kernel and iteration")
+    adapt.add_argument("--iterations", type=int, default=250, help="training iterations (default 250)")
+    adapt.add_argument("--iterations-per-epoch", type=int, default=50,
+                       help="iterations between pseudo-Dice checks (default 50)")
+    adapt.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
+    adapt.add_argument("--l2-to-foundation", type=float, default=0.0,
+                       help="penalty tying the weights to the parent's (default 0)")
+    adapt.add_argument("--holdout", type=int, default=None,
+                       help="cases held out for evaluation (default: a quarter, at least 1 from 3 cases)")
+    adapt.add_argument("--seed", type=int, default=0)
+    add_device(adapt)
+    adapt.add_argument("--wait", action="store_true", help="follow the job to its end with a progress bar")
+    activation = adapt.add_mutually_exclusive_group()
+    activation.add_argument("--no-activate", action="store_true",
+                            help="publish the adapted version without activating it")
+    activation.add_argument("--force-activate", action="store_true",
+                            help="activate it even if it is worse than its parent on held-out cases")
+    adapt.add_argument("--accurate-eval", action="store_true",
+                       help="evaluate with mirroring (as 'segment' without --fast; slower)")
+
+
+def handle(args: argparse.Namespace, home: Home) -> int:
+    from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, check_request
+    from LymphNodeDGSTLib.engine.devices import choose_device
+    from LymphNodeDGSTLib.jobs.manager import JobManager
+    from LymphNodeDGSTLib.jobs.follow import follow_job
+
+    request = AdaptRequest(
+        model=args.model, method=args.method, gamma=args.gamma, iterations=args.iterations,
+        iterations_per_epoch=args.iterations_per_epoch, device=args.device,
+        activation="never" if args.no_activate else "force" if args.force_activate else "auto",
+        learning_rate=args.lr, foundation_l2=args.l2_to_foundation, seed=args.seed,
+        holdout=args.holdout, evaluate_fast=not args.accurate_eval)
+    parent, split = check_request(home, request)
+    request.model = parent.ref
+    device = str(choose_device(args.device))
+    manager = JobManager(home.jobs)
+    job = manager.submit("adapt", {"home": str(home.root), "request": asdict(request)},
+                         device=device, exclusive_device=True)
+    print(job.id, flush=True)
+    if not args.wait:
+        return EXIT_OK
+    status = follow_job(manager, job.id)
+    final = manager.get(job.id)
+    if final.result:
+        print(json.dumps(final.result, indent=2))
+    return status
+

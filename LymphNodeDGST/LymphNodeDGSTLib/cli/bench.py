@@ -1,0 +1,89 @@
+"""`lndgst bench adapt`: the adaptation benchmark (DGST against every comparison method)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from LymphNodeDGSTLib.errors import EXIT_FAILURE, EXIT_OK, UserInputError
+from LymphNodeDGSTLib.home import Home
+
+COMMAND = "bench"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from LymphNodeDGSTLib.demo.bench_adapt import METHODS
+
+    bench = commands.add_parser("bench", help="benchmarks (adapt: DGST against the comparison methods)")
+    benchmarks = bench.add_subparsers(dest="bench_command", parser_class=type(bench))
+    adapt = benchmarks.add_parser(
+        "adapt", help="adapt the demo model with every method on site-B phantoms and real CT labels",
+        description="Defaults: all methods, shots 1,3,5, 2 seeds, 40 iterations, lr 1e-2 for every "
+                    "method, 2 site-B and 1 site-A test phantoms, plus the real-label (STS) part; "
+                    "about an hour on a quiet 2-core CPU.")
+    adapt.add_argument("--output", default="bench-adapt-output", help="folder for runs.jsonl, results.md, "
+                       "results.json and the figure (default bench-adapt-output)")
+    adapt.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    adapt.add_argument("--shots", help="comma-separated site-B training case counts (default 1,3,5)")
+    adapt.add_argument("--seeds", type=int, help="seeds 0..N-1: which site-B cases and training seed (default 2)")
+    adapt.add_argument("--iterations", type=int, help="fine-tuning iterations, the same for every method (default 40)")
+    adapt.add_argument("--lr", help="learning rate for every method (default 1e-2), or 'authors' for "
+                       "each method's authors' rate")
+    adapt.add_argument("--gamma", type=int, help="entries per kernel for dgst, random, static (default 2)")
+    adapt.add_argument("--test-b", type=int, help="unseen site-B test phantoms (default 2)")
+    adapt.add_argument("--test-a", type=int, help="unseen site-A phantoms for forgetting (default 1)")
+    adapt.add_argument("--skip-sts", action="store_true", help="skip the real-label (soft-tissue sarcoma) part")
+    adapt.add_argument("--skip-phantoms", action="store_true", help="skip the phantom part (real labels only)")
+    adapt.add_argument("--sts", metavar="DIR", help="folder of STS_xxx/image.nii.gz + label.nii.gz "
+                       "(default: $LNDGST_SHARED_DATA/sts or ../shared/data/sts)")
+    adapt.add_argument("--smoke", action="store_true", help="tiny run for tests: none and dgst, 1 shot, "
+                       "1 seed, 4 iterations, cropped images (under 90 s)")
+    adapt.add_argument("--resume", action="store_true", help="keep the runs already in OUTPUT/runs.jsonl")
+    adapt.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+
+def handle(args: argparse.Namespace, home: Home) -> int:
+    from LymphNodeDGSTLib.demo.bench_adapt import BenchConfig, run_benchmark, smoke_config
+
+    if args.bench_command != "adapt":
+        raise UserInputError("bench: choose a benchmark: adapt")
+    config = smoke_config() if args.smoke else BenchConfig()
+    if args.methods:
+        config.methods = tuple(_names(args.methods))
+    if args.shots:
+        config.shots = tuple(_integers(args.shots, "--shots"))
+    for option, name in (("seeds", "seeds"), ("iterations", "iterations"), ("gamma", "gamma"),
+                         ("test_b", "site_b_tests"), ("test_a", "site_a_tests")):
+        value = getattr(args, option)
+        if value is not None:
+            setattr(config, name, value)
+    if args.lr is not None:
+        config.learning_rate = None if args.lr == "authors" else _float(args.lr, "--lr")
+    config.sts = not args.skip_sts
+    config.phantoms = not args.skip_phantoms
+    if not (config.sts or config.phantoms):
+        raise UserInputError("--skip-sts with --skip-phantoms leaves nothing to run")
+    config.sts_folder = args.sts
+    config.device = args.device
+    outputs = run_benchmark(config, Path(args.output), resume=args.resume)
+    print(outputs.table.read_text())
+    return EXIT_FAILURE if outputs.failed else EXIT_OK
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(item) for item in _names(text)]
+    except ValueError:
+        raise UserInputError(f"{option}: give comma-separated whole numbers, e.g. 1,3,5") from None
+
+
+def _float(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserInputError(f"{option}: give a number (e.g. 1e-2) or 'authors'") from None
+

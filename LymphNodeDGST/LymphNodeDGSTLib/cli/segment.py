@@ -1,0 +1,67 @@
+"""`lndgst segment INPUT OUTPUT`: one CT to a label image (and optionally the node report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from LymphNodeDGSTLib.cli.options import add_device
+from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError
+from LymphNodeDGSTLib.home import Home
+
+COMMAND = "segment"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    segment = commands.add_parser("segment", help="segment lymph nodes in a CT")
+    segment.add_argument("input", help="CT image (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    segment.add_argument("output", help="label image to write (.nii.gz, .nrrd, .mha)")
+    segment.add_argument("--model", help="NAME or NAME@VERSION (default: the active version)")
+    add_device(segment)
+    segment.add_argument("--fast", action="store_true", help="no mirroring: faster, less accurate")
+    segment.add_argument("--no-crop", action="store_true", help="run on the whole image, not the body")
+    segment.add_argument("--nodes", metavar="CSV", help="also write the per-node report")
+    segment.add_argument("--min-volume", type=float, default=0.0,
+                         help="node report: ignore components smaller than this (mm^3)")
+    segment.add_argument("--trust-checkpoint", action="store_true", help=argparse.SUPPRESS)
+
+
+def handle(args: argparse.Namespace, home: Home) -> int:
+    from LymphNodeDGSTLib.engine.images import check_output_path, read_image, write_image_atomic
+    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.progress import TerminalProgress
+
+    output = check_output_path(args.output, "output")
+    nodes_csv = Path(args.nodes) if args.nodes else None
+    if nodes_csv is not None:
+        _check_csv_path(nodes_csv)
+    image = read_image(args.input, "input")
+    store = ModelStore(home.models)
+    store.resolve(args.model)  # fail on a bad model name before loading anything
+    segmenter = Segmenter(store, device=args.device, trust_checkpoint=args.trust_checkpoint)
+    with TerminalProgress() as progress:
+        result = segmenter.segment(image, model=args.model, fast=args.fast,
+                                   crop_body=not args.no_crop, progress=progress)
+    for warning in result.warnings:
+        print(f"lndgst: warning: {warning}", file=sys.stderr)
+    write_image_atomic(result.label, output)
+    print(f"wrote {output} ({result.model}, {result.device}, {result.seconds:.1f} s)")
+    if nodes_csv is not None:
+        from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
+        rows = node_report(result.label, image, min_volume_mm3=args.min_volume)
+        write_node_csv(rows, nodes_csv)
+        print(f"wrote {nodes_csv} ({len(rows)} nodes)")
+    return EXIT_OK
+
+
+def _check_csv_path(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.suffix.lower() != ".csv":
+        raise UserInputError(f"node report {path}: use a .csv file name")
+    if not parent.is_dir():
+        raise UserInputError(f"node report folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(f"node report folder is not writable: {parent}")

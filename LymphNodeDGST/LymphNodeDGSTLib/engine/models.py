@@ -1,0 +1,311 @@
+"""The model store: installed nnU-Net models, their numbered versions and the active one.
+
+Layout under `home/models/NAME/`:
+    versions/N/            an nnU-Net results folder (dataset.json, plans.json, fold_*/...)
+    versions/N/version.json  what this version is (source, parent, method, hashes, metrics)
+    state.json             {"active": N, "history": [earlier active versions]}
+
+Every change is write-then-rename: a version folder appears complete or not at all, and the
+active version switches atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
+from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
+from LymphNodeDGSTLib.engine.fetch import download, extract_zip_safely, is_url, verify_sha256
+from LymphNodeDGSTLib.engine.modelcheck import ResultsFolderInfo, find_checkpoints, validate_results_folder
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VERSION_FILE = "version.json"
+RESULTS_FILES = ("dataset.json", "plans.json")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One installed version: a results folder nnU-Net can load, plus what we know about it."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def parent(self) -> int | None:
+        return self.metadata.get("parent")
+
+
+def parse_model_spec(spec: str) -> tuple[str, int | None]:
+    """'NAME' -> (NAME, None); 'NAME@3' -> (NAME, 3)."""
+    name, _, version = spec.partition("@")
+    if not NAME_PATTERN.match(name):
+        raise UserInputError(f"invalid model name '{name}': use letters, digits, '_', '-', '.'")
+    if not version:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise UserInputError(f"invalid version in '{spec}': versions are 1, 2, 3, ...")
+    return name, int(version)
+
+
+class ModelStore:
+    """Installed models under one folder; safe for several processes reading while one writes."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ---------------------------------------------------------------- queries
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and NAME_PATTERN.match(p.name) and (p / "versions").is_dir()
+                      and self._version_numbers(p.name))
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        return [self._load_version(name, n) for n in self._version_numbers(name)]
+
+    def active_version(self, name: str) -> int | None:
+        state = self._read_state(name)
+        return state.get("active")
+
+    def resolve(self, spec: str | None = None) -> ModelVersion:
+        """The version a spec names: 'NAME@N', 'NAME' (its active version) or None (the only model)."""
+        if spec is None:
+            names = self.names()
+            if not names:
+                raise UserInputError("no model installed; install one with "
+                                     "'lndgst models install PATH_OR_URL'")
+            if len(names) > 1:
+                raise UserInputError(f"several models installed ({', '.join(names)}); "
+                                     "choose one with --model NAME")
+            spec = names[0]
+        name, version = parse_model_spec(spec)
+        if name not in self.names():
+            raise UserInputError(f"no model named '{name}'; installed: "
+                                 f"{', '.join(self.names()) or 'none'}")
+        if version is None:
+            version = self.active_version(name)
+            if version is None:
+                raise UserInputError(f"model '{name}' has no active version; activate one")
+        if version not in self._version_numbers(name):
+            raise UserInputError(f"model '{name}' has no version {version}; it has "
+                                 f"{', '.join(map(str, self._version_numbers(name)))}")
+        return self._load_version(name, version)
+
+    # ---------------------------------------------------------------- changes
+    def install(self, source: str | os.PathLike, name: str | None = None, sha256: str | None = None,
+                trust_checkpoint: bool = False, show_progress: bool = True) -> ModelVersion:
+        """Install a results folder, a zip of one, or an http(s) URL of a zip as a new model version."""
+        source = str(source)
+        if name is not None:
+            parse_model_spec(name)
+            if "@" in name:
+                raise UserInputError("--name takes a model name without '@VERSION'")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with staging_folder(self.root, ".install-") as work:
+            archive = None
+            if is_url(source):
+                archive = download(source, self._download_path(source), sha256, show_progress)
+                folder = self._unpack(archive, work / "unpacked")
+            else:
+                path = Path(source).expanduser()
+                if not path.exists():
+                    raise UserInputError(f"not found: {path}")
+                if path.is_dir():
+                    if sha256:
+                        raise UserInputError("--sha256 applies to a zip file or URL, not a folder")
+                    folder = path
+                else:
+                    if sha256:
+                        verify_sha256(path, sha256)
+                    folder = self._unpack(path, work / "unpacked")
+            info = validate_results_folder(folder, trust=trust_checkpoint)
+            model_name = name or default_model_name(folder)
+            metadata = {
+                "source": source if is_url(source) else str(Path(source).expanduser().resolve()),
+                "kind": "installed",
+                "parent": None,
+                "trusted_checkpoint": bool(trust_checkpoint),
+            }
+            version = self.add_version(model_name, folder, metadata, info=info, activate_if_first=True)
+        if archive is not None:
+            archive.unlink(missing_ok=True)
+        return version
+
+    def _download_path(self, url: str) -> Path:
+        """A stable place per URL, so an interrupted download resumes where it stopped."""
+        folder = self.root / ".downloads"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".zip")
+
+    def add_version(self, name: str, results_folder: str | os.PathLike, metadata: dict,
+                    info: ResultsFolderInfo | None = None, activate_if_first: bool = True,
+                    extra_files: tuple[str, ...] = ()) -> ModelVersion:
+        """Copy a validated results folder in as the next version of `name` (created if new),
+        with `extra_files` (names inside the results folder, e.g. a report) beside it."""
+        parse_model_spec(name)
+        results_folder = Path(results_folder)
+        info = info or validate_results_folder(results_folder)
+        versions_dir = self.root / name / "versions"
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        with staging_folder(versions_dir, ".new-") as staged:
+            copy_results_folder(results_folder, staged)
+            for extra in extra_files:
+                shutil.copy2(results_folder / extra, staged / extra)
+            record = {
+                "name": name,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "configuration": info.configuration,
+                "folds": info.folds,
+                "labels": info.labels,
+                "trainer_name": info.trainer_name,
+                "parameters": info.parameters,
+                "checkpoint_sha256": info.checkpoint_sha256,
+                **metadata,
+            }
+            number = self._publish(staged, versions_dir, record)
+        if activate_if_first and self.active_version(name) is None:
+            self.activate(name, number)
+        return self._load_version(name, number)
+
+    def _publish(self, staged: Path, versions_dir: Path, record: dict) -> int:
+        while True:
+            number = max(self._version_numbers(record["name"]), default=0) + 1
+            record["version"] = number
+            write_json_atomic(staged / VERSION_FILE, record)
+            try:
+                os.rename(staged, versions_dir / str(number))  # atomic; fails if taken
+                return number
+            except OSError:
+                if not (versions_dir / str(number)).exists():
+                    raise
+
+    def activate(self, name: str, version: int) -> ModelVersion:
+        target = self.resolve(f"{name}@{version}")
+        state = self._read_state(name)
+        current = state.get("active")
+        if current != version:
+            history = list(state.get("history", []))
+            if current is not None:
+                history.append(current)
+            self._write_state(name, {"active": version, "history": history})
+        return target
+
+    def rollback(self, name: str) -> ModelVersion:
+        """Re-activate the version that was active before the current one."""
+        self.resolve(name)
+        state = self._read_state(name)
+        history = [v for v in state.get("history", []) if v in self._version_numbers(name)]
+        if not history:
+            raise UserInputError(f"model '{name}': nothing to roll back to (version "
+                                 f"{state.get('active')} is the first active version)")
+        previous = history.pop()
+        self._write_state(name, {"active": previous, "history": history})
+        return self._load_version(name, previous)
+
+    def export(self, spec: str, destination: str | os.PathLike) -> Path:
+        """Write a plain nnU-Net results folder (no store metadata) that stock nnU-Net loads."""
+        version = self.resolve(spec)
+        destination = Path(destination).expanduser()
+        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+            raise UserInputError(f"export destination exists and is not an empty folder: {destination}")
+        parent = destination.parent
+        if not parent.is_dir():
+            raise UserInputError(f"export destination's folder does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise UserInputError(f"export destination's folder is not writable: {parent}")
+        with staging_folder(parent, f".{destination.name}.export-") as staged:
+            copy_results_folder(version.path, staged)
+            if destination.exists():
+                destination.rmdir()
+            os.rename(staged, destination)
+        return destination
+
+    # ---------------------------------------------------------------- internals
+    def _version_numbers(self, name: str) -> list[int]:
+        folder = self.root / name / "versions"
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir()
+                      if p.name.isdigit() and (p / VERSION_FILE).is_file())
+
+    def _load_version(self, name: str, number: int) -> ModelVersion:
+        path = self.root / name / "versions" / str(number)
+        metadata = json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
+        return ModelVersion(name, number, path, metadata)
+
+    def _read_state(self, name: str) -> dict:
+        path = self.root / name / "state.json"
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _write_state(self, name: str, state: dict) -> None:
+        write_json_atomic(self.root / name / "state.json", state)
+
+    def _unpack(self, archive: Path, destination: Path) -> Path:
+        destination.mkdir(parents=True, exist_ok=True)
+        extract_zip_safely(archive, destination)
+        return locate_results_folder(destination, archive)
+
+
+def locate_results_folder(extracted: Path, archive: Path) -> Path:
+    """The one folder inside an extracted archive that holds plans.json and dataset.json."""
+    candidates = sorted({p.parent for p in extracted.rglob("plans.json")
+                         if (p.parent / "dataset.json").is_file()})
+    if not candidates:
+        raise ModelValidationError(f"{archive}: no nnU-Net results folder (plans.json with "
+                                   "dataset.json) inside the archive")
+    if len(candidates) > 1:
+        names = ", ".join(str(c.relative_to(extracted)) for c in candidates)
+        raise ModelValidationError(f"{archive}: holds several results folders ({names}); "
+                                   "install one of them from an extracted folder")
+    return candidates[0]
+
+
+def copy_results_folder(source: Path, destination: Path) -> None:
+    """Copy dataset.json, plans.json and each fold's final checkpoint (nothing else)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in RESULTS_FILES:
+        shutil.copy2(source / name, destination / name)
+    for fold, checkpoint in find_checkpoints(source).items():
+        (destination / f"fold_{fold}").mkdir(exist_ok=True)
+        shutil.copy2(checkpoint, destination / f"fold_{fold}" / checkpoint.name)
+
+
+def default_model_name(folder: Path) -> str:
+    """A name from the dataset name in plans.json, else from the folder name."""
+    try:
+        raw = json.loads((folder / "plans.json").read_text()).get("dataset_name") or folder.name
+    except (OSError, json.JSONDecodeError):
+        raw = folder.name
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(raw)).strip("-.") or "model"
+    return cleaned[:64]
+
+
+def format_version_line(version: ModelVersion, active: int | None) -> str:
+    marker = "*" if version.version == active else " "
+    meta = version.metadata
+    parts = [f"{marker} {version.ref}", meta.get("created", "")]
+    if meta.get("parent") is not None:
+        parts.append(f"parent @{meta['parent']}")
+    if meta.get("method"):
+        parts.append(f"method {meta['method']}")
+    metric = (meta.get("metrics") or {}).get("dice_after")
+    if metric is not None:
+        parts.append(f"held-out Dice {metric:.3f}")
+    return "  ".join(p for p in parts if p)
+
