@@ -61,3 +61,17 @@ def environment(params: dict, reporter: Reporter) -> dict:
 
     names = ("PYTHONPATH", "nnUNet_n_proc_DA", "nnUNet_def_n_proc")
     return {"executable": sys.executable, **{name: os.environ.get(name) for name in names}}
+
+
+def spawn_and_ignore_cancel(params: dict, reporter: Reporter) -> dict:
+    """Starts a child process (as nnU-Net starts its data loaders), reports its pid, then sleeps
+    without looking at the cancel flag: only killing the whole process tree ends both."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    reporter.progress(0, 1, stage="sleep", child=child.pid)
+    deadline = time.monotonic() + float(params.get("seconds", 60))
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"slept": True}

@@ -225,12 +225,9 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` is running (a zombie is not). Never sends a real signal."""
     with _CHILDREN_LOCK:
-        child = _CHILDREN.get(pid)
-        if child is not None:
-            if child.poll() is None:
-                return True
-            del _CHILDREN[pid]
-            return False
+        _reap_finished_children()
+        if pid in _CHILDREN:
+            return True
     if os.name == "nt":
         return _windows_pid_alive(pid)
     try:
@@ -288,17 +285,109 @@ def _ask_to_stop(pid: int) -> None:
         pass
 
 
-def _force_kill(pid: int) -> None:
-    """SIGKILL the worker and its process group (nnU-Net's data loader processes with it)."""
+def _reap_finished_children() -> None:
+    """Poll every worker process this process launched (call with _CHILDREN_LOCK held), so that a
+    finished one is reaped. Under PythonSlicer the launched process is CTKAppLauncher, whose pid
+    is not the worker's (worker.pid holds python-real's): it must be polled by its own pid."""
+    for launched_pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[launched_pid]
+
+
+def job_processes(pid: int, job_id: str) -> list:
+    """The processes of job `job_id` whose worker is `pid`: its launcher (PythonSlicer is
+    CTKAppLauncher, which runs python-real as its child and waits for it), the worker and all its
+    descendants (nnU-Net's data-loader processes), as psutil.Process objects; [] without psutil."""
     try:
-        if os.name == "nt":
-            os.kill(pid, signal.SIGTERM)  # TerminateProcess
-        elif os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        import psutil
+    except ImportError:
+        return []
+    try:
+        worker = psutil.Process(pid)
+        processes = [worker, *worker.children(recursive=True)]
+    except psutil.Error:
+        return []
+    try:
+        parent = worker.parent()
+    except psutil.Error:
+        parent = None
+    if parent is not None and _is_launcher_of(parent, job_id):
+        processes.insert(0, parent)
+    return processes
+
+
+def _is_launcher_of(process, job_id: str) -> bool:
+    """Whether `process` launched the worker of `job_id`: a process this one started for a job,
+    or one whose command line runs the worker on that job's folder. Never this process."""
+    import psutil
+
+    if process.pid == os.getpid():
+        return False
+    with _CHILDREN_LOCK:
+        if process.pid in _CHILDREN:
+            return True
+    try:
+        command_line = process.cmdline()
+    except psutil.Error:
+        return False
+    return "LymphNodeDGSTLib.jobs.worker" in command_line and any(job_id in part for part in command_line)
+
+
+def _force_kill(pid: int, job_id: str = "", known: list | None = None) -> list:
+    """Kill the whole job at once: launcher, worker and every descendant (SIGKILL;
+    TerminateProcess on Windows). `known`: processes seen earlier, so that a child orphaned
+    meanwhile is not missed. Returns the processes it found, for `_end_leftovers` to reap."""
+    processes = list({p.pid: p for p in [*(known or []), *job_processes(pid, job_id)]}.values())
+    for process in processes:
+        try:
+            process.kill()
+        except Exception:  # psutil.NoSuchProcess, AccessDenied: gone, or not ours to kill
+            pass
+    if os.name != "nt":
+        # The job's own process group (start_new_session: its leader is the process we launched,
+        # the launcher under PythonSlicer) also catches descendants psutil could not list.
+        try:
+            group = os.getpgid(pid)
+            if group != os.getpgid(0):
+                os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    elif not processes:  # no psutil: Windows' own tree kill
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
+    return processes
+
+
+def _ended(process) -> bool:
+    """Gone, or a zombie (dead; only its parent can reap it)."""
+    try:
+        return not process.is_running() or process.status() == "zombie"
+    except Exception:  # psutil.NoSuchProcess
+        return True
+
+
+def _end_leftovers(known: list, pid: int, timeout: float) -> None:
+    """After the worker ended: give its launcher and descendants `timeout` s to end by
+    themselves, kill those that do not, and reap every process this process launched for the
+    job (the launcher under PythonSlicer, else the worker), so none stays defunct."""
+    if known and not _wait_until(lambda: all(_ended(p) for p in known), timeout):
+        for process in known:
+            if not _ended(process):
+                try:
+                    process.kill()
+                except Exception:
+                    pass
+        _wait_until(lambda: all(_ended(p) for p in known), timeout)
+    ours = {pid, *(p.pid for p in known)}
+    with _CHILDREN_LOCK:
+        launched = [(p, child) for p, child in _CHILDREN.items() if p in ours]
+    for launched_pid, child in launched:
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        with _CHILDREN_LOCK:
+            _CHILDREN.pop(launched_pid, None)
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
@@ -570,11 +659,13 @@ class JobManager:
         message = "cancelled on request"
         if info.pid is not None and worker_alive(info.pid, job_id):
             pid = info.pid
+            known = job_processes(pid, job_id)  # before the stop: orphans stay known
             _ask_to_stop(pid)
             if not _wait_until(lambda: not worker_alive(pid, job_id), timeout):
-                _force_kill(pid)
+                known = _force_kill(pid, job_id, known)
                 _wait_until(lambda: not worker_alive(pid, job_id), 5.0)
                 message = f"cancelled on request (the worker was killed after {timeout:g} s)"
+            _end_leftovers(known, pid, timeout=5.0)
         elif info.pid is None:
             # No worker yet: a starting worker sees the cancel file and stops by itself.
             _wait_until(lambda: self._terminal_event(info.folder) is not None, timeout)
