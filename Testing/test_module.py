@@ -150,16 +150,52 @@ def test_module_file_defines_the_four_classes_on_slicers_bases():
     assert "getParameterNode" in methods("LymphNodeDGSTLogic")
 
 
+def module_constant(name: str):
+    return next(ast.literal_eval(n.value) for n in TREE.body if isinstance(n, ast.Assign)
+                and ast.unparse(n.targets[0]) == name)
+
+
 def test_module_metadata():
+    """Also catches a title, help or category not marked for translation (slicer.i18n's tr as
+    `_`, and translate("qSlicerAbstractCoreModule", ...) for the category, as Slicer 5.10's scripted
+    module template does) and a help text without its documentation link."""
     init = methods("LymphNodeDGST")["__init__"]
-    values = {}
+    calls, values = [], {}
+    untranslated = lambda text: text  # noqa: E731 - what tr() returns without a translation
+    scope = {"_": untranslated, "translate": lambda context, text: text,
+             "DOCUMENTATION_URL": module_constant("DOCUMENTATION_URL")}
     for node in ast.walk(init):
         if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]).startswith("self.parent."):
-            values[ast.unparse(node.targets[0]).removeprefix("self.parent.")] = ast.literal_eval(node.value)
+            name = ast.unparse(node.targets[0]).removeprefix("self.parent.")
+            values[name] = eval(compile(ast.Expression(node.value), "metadata", "eval"), scope)
+            calls.append((name, {ast.unparse(n.func) for n in ast.walk(node.value) if isinstance(n, ast.Call)}))
     assert values["categories"] == ["Segmentation"]
-    assert values["title"] and values["contributors"] and all(values["contributors"])
+    assert values["title"] == "Lymph Node DGST"  # what Slicer's module list shows (README names it)
+    assert values["contributors"] and all(values["contributors"])
     assert "lymph nodes" in values["helpText"] and "DGST" in values["helpText"]
+    assert f'href="{module_constant("DOCUMENTATION_URL")}"' in values["helpText"]
+    assert module_constant("DOCUMENTATION_URL").startswith("https://")
     assert "nnU-Net" in values["acknowledgementText"]
+    translated = {name for name, functions in calls if "_" in functions or "translate" in functions}
+    assert {"title", "categories", "helpText", "acknowledgementText"} <= translated
+
+
+def test_user_facing_strings_are_marked_for_translation():
+    """Catches an f-string or bare literal shown to the user (message boxes, status labels,
+    button texts) that Slicer's translation tools cannot pick up: they must go through _()."""
+    shown = []
+    for node in ast.walk(TREE):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+                "slicer.util.errorDisplay", "slicer.util.infoDisplay",
+                "slicer.util.confirmOkCancelDisplay") and node.args:
+            shown.append(node.args[0])
+        elif isinstance(node, ast.Assign) and ast.unparse(node.targets[0]).endswith(".text") \
+                and ast.unparse(node.targets[0]).startswith("self.ui."):
+            shown.append(node.value)
+    assert len(shown) > 12
+    bare = [f"line {n.lineno}: {ast.unparse(n)}" for n in shown
+            if isinstance(n, ast.JoinedStr) or (isinstance(n, ast.Constant) and n.value)]
+    assert not bare, bare
 
 
 def test_every_ui_widget_the_code_uses_is_in_the_ui_file():
@@ -245,14 +281,15 @@ def test_slicer_util_calls_and_mrml_classes_exist_in_slicer(slicer_core):
             assert hasattr(slicer.vtkMRMLScene, text.removeprefix("slicer.mrmlScene.")), text
         elif isinstance(node, ast.Attribute) and ast.unparse(node.value) == "vtk":
             assert hasattr(vtk, node.attr), ast.unparse(node)
-    assert {"slicer.util.loadUI", "slicer.util.tryWithErrorDisplay", "slicer.util.pip_install"} <= checked
+    assert {"slicer.util.loadUI", "slicer.util.WaitCursor", "slicer.util.errorDisplay"} <= checked
 
 
 def test_no_algorithm_code_when_slicer_loads_the_module():
-    allowed = {"logging", "tempfile", "time", "pathlib", "typing", "qt", "ctk", "vtk", "slicer",
-               "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util",
+    allowed = {"logging", "sys", "tempfile", "time", "pathlib", "typing", "qt", "ctk", "vtk", "slicer",
+               "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util", "slicer.i18n",
                "LymphNodeDGSTLib", "LymphNodeDGSTLib.errors", "LymphNodeDGSTLib.jobs.manager",
-               "LymphNodeDGSTLib.slicer_bridge", "LymphNodeDGSTLib.slicer_bridge.panel"}
+               "LymphNodeDGSTLib.slicer_bridge", "LymphNodeDGSTLib.slicer_bridge.panel",
+               "LymphNodeDGSTLib.slicer_bridge.editor", "LymphNodeDGSTLib.slicer_bridge.reporting"}
     top_level = set()
     for node in TREE.body:
         if isinstance(node, ast.Import):
