@@ -526,11 +526,10 @@ def test_missing_packages_and_the_install_plan():
 
     plan = dependencies.plan_installation(True, find_spec, (3, 12, 0))
     assert plan.install_torch and not plan.ready and plan.blocker() is None
-    assert plan.pip_requirements == ["nnunetv2==2.8.1", "peft==0.21.2"]
-    assert plan.pip_arguments("/tmp/c.txt") == ["--constraint", "/tmp/c.txt", "nnunetv2==2.8.1",
-                                                "peft==0.21.2"]
+    assert plan.pip_requirements == ["nnunetv2==2.8.1"]  # peft: on its own, when LoRA is chosen
+    assert plan.pip_arguments("/tmp/c.txt") == ["--constraint", "/tmp/c.txt", "nnunetv2==2.8.1"]
     assert plan.manual_command("/tmp/c.txt") == (
-        "PythonSlicer -m pip install --constraint /tmp/c.txt nnunetv2==2.8.1 peft==0.21.2")
+        "PythonSlicer -m pip install --constraint /tmp/c.txt nnunetv2==2.8.1")
     text = plan.confirmation_text()
     assert "torch" in text and "nnunetv2" in text and "PyTorch extension" in text
     assert "SimpleITK and numpy are kept" in text
@@ -608,11 +607,6 @@ def test_installer_output_is_taken_from_the_exception():
     error = subprocess.CalledProcessError(1, ["pip"], output="stdout text", stderr=b"stderr text")
     assert dependencies.failure_output(error) == "stdout text\nstderr text"
     assert dependencies.failure_output(RuntimeError("plain")) == "plain"
-
-    class InstallationAbortedError(Exception):  # slicer.packaging's, when the user says no
-        pass
-
-    assert dependencies.user_declined(InstallationAbortedError()) and not dependencies.user_declined(error)
 
 
 def test_gpu_advice():
