@@ -25,7 +25,10 @@ def check(condition: bool, what: str) -> None:
 def scene_and_case_library(scene, library) -> list[str]:
     """Run the checks on `scene` (an empty vtkMRMLScene is fine) and `library` (an empty
     CaseLibrary); AssertionError names the first that fails. Returns what was checked."""
-    image = sitk.GetImageFromArray(np.full((12, 24, 20), 40, np.int16))
+    ct = np.full((12, 24, 20), -1000, np.int16)  # air, a soft-tissue body and a bone rod: a CT
+    ct[:, 3:21, 2:18] = 40
+    ct[:, 16:19, 8:11] = 700
+    image = sitk.GetImageFromArray(ct)
     image.SetSpacing((0.8, 0.8, 2.5))
     image.SetOrigin((-8.0, 10.0, 30.0))
     label = np.zeros((12, 24, 20), np.uint8)
