@@ -119,13 +119,29 @@ def test_icons_are_128_pixel_pngs():
             assert len(colours) > 50, f"{path} looks blank"
 
 
-def test_screenshot_url_points_into_this_repository():
-    url = _cmake_sets(REPO / "CMakeLists.txt")["EXTENSION_SCREENSHOTURLS"].split()[0]
-    local = REPO / url.removeprefix(RAW_FILES)
-    if not local.exists():
-        pytest.skip(f"no screenshot at {local.relative_to(REPO)} yet (it is taken in Slicer)")
-    with Image.open(local) as image:
-        assert image.format == "PNG"
+def test_screenshot_urls_point_at_pictures_in_this_repository():
+    """Catches a screenshot URL naming a file that does not exist (ExtensionsIndex's
+    scripts/check_description_files.py validate_image_url downloads each one and wants an image)."""
+    urls = _cmake_sets(REPO / "CMakeLists.txt")["EXTENSION_SCREENSHOTURLS"].split()
+    assert urls
+    for url in urls:
+        assert url.startswith(RAW_FILES) and url.lower().endswith((".png", ".jpg", ".jpeg", ".gif"))
+        local = REPO / url.removeprefix(RAW_FILES)
+        assert local.is_file(), f"{url}: no {local.relative_to(REPO)}"
+        with Image.open(local) as image:
+            assert image.format == "PNG" and image.width >= 600 and local.stat().st_size < 300_000
+
+
+def test_apache_license_at_the_root_and_as_spdx_in_pyproject():
+    """Catches a missing root LICENSE (ExtensionsIndex's check_license_file looks for LICENSE,
+    LICENSE.txt, COPYING, ... in the repository root) and pyproject's deprecated license table."""
+    import tomllib
+
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 10_000
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
 
 
 # --- configuring the CMake files for real ----------------------------------------------------
