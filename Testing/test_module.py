@@ -170,7 +170,8 @@ def test_module_metadata():
             values[name] = eval(compile(ast.Expression(node.value), "metadata", "eval"), scope)
             calls.append((name, {ast.unparse(n.func) for n in ast.walk(node.value) if isinstance(n, ast.Call)}))
     assert values["categories"] == ["Segmentation"]
-    assert values["title"] == "Lymph Node DGST"  # what Slicer's module list shows (README names it)
+    assert values["title"] == "Lymph Node DGST"  # what Slicer's module list shows
+    assert f"**{values['title']}**" in (REPO / "README.md").read_text(encoding="utf-8")  # README names it so
     assert values["contributors"] and all(values["contributors"])
     assert "lymph nodes" in values["helpText"] and "DGST" in values["helpText"]
     assert f'href="{module_constant("DOCUMENTATION_URL")}"' in values["helpText"]
