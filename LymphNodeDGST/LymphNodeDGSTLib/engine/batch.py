@@ -73,7 +73,7 @@ def resumed_row(case: CohortCase, output_dir: Path, digest: str, key: str, setti
             or record.get("settings") != settings.key() or not label.is_file() or not nodes.is_file()):
         return None
     row = CohortRow(**record["row"])
-    row.status, row.input = "resumed", str(case.path)
+    row.case, row.status, row.input = case.name, "resumed", str(case.path)
     return row
 
 
