@@ -154,8 +154,12 @@ def _finish_case(segmenter, case: CohortCase, digest: str, prepared, *, output_d
     try:
         result = segmenter.segment_prepared(prepared, fast=settings.fast, cancel_event=cancel)
         nodes = node_report(result.label, prepared.image, min_volume_mm3=settings.min_volume_mm3)
+    except Cancelled:
+        raise
     except (OutOfMemory, UserInputError) as error:
         return _failed(case, str(error), prepared.version.ref, started)
+    except Exception as error:  # noqa: BLE001 - one case the network cannot take must not stop the batch
+        return _failed(case, f"{type(error).__name__}: {error}", prepared.version.ref, started)
     label_path, nodes_path, record_path = case_outputs(output_dir, case.name)
     write_image_atomic(result.label, label_path)
     write_node_csv(nodes, nodes_path)

@@ -63,11 +63,8 @@ def discover_cases(root: str | os.PathLike, output: str | os.PathLike | None = N
         _check_output_outside(root, Path(output))
     cases, ignored = [], []
     for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         folder_path = Path(folder)
-        if folder_path.name.startswith("."):
-            subfolders[:] = []
-            continue
         other = []
         for name in sorted(files):
             path = folder_path / name
