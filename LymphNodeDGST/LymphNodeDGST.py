@@ -40,6 +40,8 @@ from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_METHODS, CASE_COLUMNS, D
                                     submit_adaptation, submit_segmentation, worker_python,
                                     write_curve_png, write_segmentation_input)
 
+from LymphNodeDGSTLib.slicer_bridge.panel import folder_result_text, submit_folder_segmentation
+
 HOME_SETTING = "LymphNodeDGST/Home"
 DOCUMENTATION_URL = "https://github.com/lymphnode-dgst/SlicerLymphNodeDGST#readme"
 
@@ -122,6 +124,11 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.browseFolderButton.connect("clicked(bool)", lambda: self.onBrowse(folder=True))
         self.ui.installButton.connect("clicked(bool)", self.onInstallModel)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.segmentFolderButton = qt.QPushButton("Segment all CTs in a folder...")
+        self.segmentFolderButton.toolTip = ("Segment every CT file and DICOM series of a folder in the "
+                                            "background, with the options above; resumes finished cases")
+        self.ui.segmentCollapsibleButton.layout().addRow(self.segmentFolderButton)
+        self.segmentFolderButton.connect("clicked(bool)", self.onSegmentFolder)
         self.ui.nodesTableWidget.connect("cellClicked(int,int)", self.onNodeClicked)
         self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
@@ -285,6 +292,8 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.removeCaseButton, self.ui.homeDirectoryButton):
             widget.enabled = controls.inputs_enabled
         self.ui.segmentProgressBar.visible = controls.segment_progress_visible
+        if hasattr(self, "segmentFolderButton"):
+            self.segmentFolderButton.enabled = not self.machine.busy and bool(self.modelRows)
         self.ui.adaptProgressBar.visible = controls.adapt_progress_visible
 
     def fillTable(self, table, rows):
@@ -351,6 +360,20 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with reported(_("Could not start the segmentation."), self.showError), slicer.util.WaitCursor():
             job, files = self.logic.startSegmentation(p.inputVolume, self.selectedModel(), p.device, p.fast)
             self.follow("segment", job.id, {"files": files, "volume": p.inputVolume})
+
+    def onSegmentFolder(self):
+        if self.machine.busy:
+            return
+        inputDir = qt.QFileDialog.getExistingDirectory(self.parent, "Folder of CTs to segment")
+        outputDir = inputDir and qt.QFileDialog.getExistingDirectory(
+            self.parent, "Folder for the labels, node reports and cohort table (outside the CT folder)")
+        if not outputDir:
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the folder segmentation.", waitCursor=True):
+            job = submit_folder_segmentation(self.logic.jobs, self.logic.home, inputDir, outputDir,
+                                             self.selectedModel(), p.device, p.fast, python=worker_python())
+            self.follow("segment", job.id, {"folder": outputDir})
 
     def showSegmentation(self, context, result):
         p = self._parameterNode
@@ -478,7 +501,9 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         context, self.jobContext, self.follower = self.jobContext, {}, None
         self.machine.finish()
         try:
-            if summary.state == "done" and kind == "segment":
+            if summary.state == "done" and "folder" in context:
+                self.ui.segmentStatusLabel.text = folder_result_text(summary.result)
+            elif summary.state == "done" and kind == "segment":
                 self.showSegmentation(context, summary.result)
             elif summary.state == "done" and kind == "adapt":
                 self.showAdaptationOutcome(summary.result)

@@ -55,6 +55,7 @@ class AdaptRequest:
     seed: int = 0
     holdout: int | None = None      # held-out cases; None: a quarter, at least one from 3 cases
     evaluate_fast: bool = True      # held-out evaluation without mirroring (8x faster on CPU)
+    nproc: int = 1                  # > 1: DDP training on this many processes (torchrun)
 
     def settings(self) -> FineTuneSettings:
         return FineTuneSettings(method=self.method, gamma=self.gamma, iterations=self.iterations,
@@ -75,7 +76,9 @@ def check_request(home: Home, request: AdaptRequest) -> tuple[ModelVersion, Case
     if request.activation not in ACTIVATION_CHOICES:
         raise UserInputError(f"activation must be one of {', '.join(ACTIVATION_CHOICES)}")
     request.settings()
-    choose_device(request.device)
+    device = choose_device(request.device)
+    from LymphNodeDGSTLib.adaptation.distributed import check_nproc
+    check_nproc(request.nproc, str(device))
     parent = ModelStore(home.models).resolve(request.model)
     labels = parent.metadata.get("labels") or {}
     if len(labels) != 2:
@@ -153,8 +156,15 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
         reporter.metric("train_loss", record["train_loss"], epoch=epoch)
         reporter.metric("pseudo_dice", record["pseudo_dice"], epoch=epoch)
 
-    result = fine_tune(foundation, dataset, work_dir / "training", settings, device,
-                       on_iteration=on_iteration, on_epoch=on_epoch, should_stop=reporter.cancelled)
+    if request.nproc > 1:
+        from LymphNodeDGSTLib.adaptation.distributed import launch_fine_tune
+        reporter.log(f"training on {request.nproc} processes (torchrun, nnU-Net's DDP path)")
+        result = launch_fine_tune(checkpoint_path, parent.metadata.get("trusted_checkpoint", False),
+                                  dataset, work_dir / "training", settings, str(device), request.nproc,
+                                  on_iteration, on_epoch, should_stop=reporter.cancelled)
+    else:
+        result = fine_tune(foundation, dataset, work_dir / "training", settings, device,
+                           on_iteration=on_iteration, on_epoch=on_epoch, should_stop=reporter.cancelled)
 
     staged = ModelVersion(parent.name, 0, result.results_folder, {"labels": parent.metadata.get("labels")})
     evaluation = evaluate_versions(store, parent, staged, split.evaluation, device,
@@ -172,6 +182,7 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
         "iterations": settings.iterations,
         "settings": asdict(settings),
         "device": str(device),
+        "processes": request.nproc,
         "training_seconds": round(result.seconds, 2),
         "training_cases": [c.id for c in split.training],
         "evaluation_cases": [c.id for c in split.evaluation],

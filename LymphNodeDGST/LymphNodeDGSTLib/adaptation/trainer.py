@@ -234,12 +234,14 @@ def _trainer_class():
 def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: Path,
               settings: FineTuneSettings, device: torch.device,
               on_iteration: IterationCallback | None = None, on_epoch: EpochCallback | None = None,
-              should_stop: Callable[[], bool] | None = None) -> FineTuneResult:
+              should_stop: Callable[[], bool] | None = None,
+              trainer_class: type | None = None) -> FineTuneResult:
     """Fine-tune the foundation's weights on a prepared dataset; write a results folder.
 
     The results folder (`work_dir/results`) holds dataset.json, plans.json,
     fold_0/checkpoint_final.pth (trainer name `nnUNetTrainer`, so stock nnU-Net loads it) and
-    `adaptation_stats.json` with what changed.
+    `adaptation_stats.json` with what changed. Under DDP (`trainer_class` from `ddp_trainer`)
+    every rank trains and only rank 0 writes.
     """
     settings.validate()
     started = time.perf_counter()
@@ -248,13 +250,20 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
     plans = copy.deepcopy(dataset.plans)
     plans["continue_training"] = False
     with nnunet_folders(work_dir, preprocessed=dataset.preprocessed_root):
-        trainer = _trainer_class()(plans, dataset.configuration, 0, dataset.dataset_json, device)
+        trainer = (trainer_class or _trainer_class())(plans, dataset.configuration, 0,
+                                                      dataset.dataset_json, device)
         trainer.configure(settings, foundation_checkpoint["network_weights"])
         trainer.on_iteration, trainer.on_epoch, trainer.should_stop = on_iteration, on_epoch, should_stop
         trainer.run_training()
         weights = trainer.adapted_weights()
 
     results = work_dir / "results"
+    change = weight_change_summary(foundation_checkpoint["network_weights"], weights)
+    result = FineTuneResult(results, time.perf_counter() - started, str(device), asdict(settings),
+                            trainer.epoch_records, list(trainer.stepper.entries_history), change,
+                            trainer.stepper.summary())
+    if trainer.local_rank != 0:
+        return result
     (results / "fold_0").mkdir(parents=True, exist_ok=True)
     saved_plans = copy.deepcopy(dataset.plans)
     checkpoint = checkpoint_dict(
@@ -267,10 +276,6 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
     (results / "plans.json").write_text(json.dumps(saved_plans, indent=2))
     (results / "dataset.json").write_text(json.dumps(dataset.dataset_json, indent=2))
 
-    change = weight_change_summary(foundation_checkpoint["network_weights"], weights)
-    result = FineTuneResult(results, time.perf_counter() - started, str(device), asdict(settings),
-                            trainer.epoch_records, list(trainer.stepper.entries_history), change,
-                            trainer.stepper.summary())
     (results / STATS_FILE).write_text(json.dumps(_stats_document(result), indent=2))
     return result
 

@@ -29,6 +29,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="cases held out for evaluation (default: a quarter, at least 1 from 3 cases)")
     adapt.add_argument("--seed", type=int, default=0)
     add_device(adapt)
+    adapt.add_argument("--nproc", type=int, default=1,
+                       help="train on N processes with torchrun (DDP; one per GPU, or gloo on the CPU)")
     adapt.add_argument("--wait", action="store_true", help="follow the job to its end with a progress bar")
     activation = adapt.add_mutually_exclusive_group()
     activation.add_argument("--no-activate", action="store_true",
@@ -50,7 +52,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         iterations_per_epoch=args.iterations_per_epoch, device=args.device,
         activation="never" if args.no_activate else "force" if args.force_activate else "auto",
         learning_rate=args.lr, foundation_l2=args.l2_to_foundation, seed=args.seed,
-        holdout=args.holdout, evaluate_fast=not args.accurate_eval)
+        holdout=args.holdout, evaluate_fast=not args.accurate_eval, nproc=args.nproc)
     parent, split = check_request(home, request)
     request.model = parent.ref
     device = str(choose_device(args.device))

@@ -17,7 +17,8 @@ COMMAND = "segment"
 def register(commands: argparse._SubParsersAction) -> None:
     segment = commands.add_parser("segment", help="segment lymph nodes in a CT")
     segment.add_argument("input", help="CT image (NIfTI, NRRD, MHA, ...) or DICOM series folder")
-    segment.add_argument("output", help="label image to write (.nii.gz, .nrrd, .mha)")
+    segment.add_argument("output", help="label image to write (.nii.gz, .nrrd, .mha); "
+                         "a folder when INPUT is a folder of CTs")
     segment.add_argument("--model", help="NAME or NAME@VERSION (default: the active version)")
     add_device(segment)
     segment.add_argument("--fast", action="store_true", help="no mirroring: faster, less accurate")
@@ -26,6 +27,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--min-volume", type=float, default=0.0,
                          help="node report: ignore components smaller than this (mm^3)")
     segment.add_argument("--trust-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    from LymphNodeDGSTLib.cli.segment_batch import register_batch_options
+    register_batch_options(segment)
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
@@ -34,6 +37,9 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     from LymphNodeDGSTLib.engine.models import ModelStore
     from LymphNodeDGSTLib.progress import TerminalProgress
 
+    from LymphNodeDGSTLib.cli.segment_batch import handle_batch, is_batch
+    if is_batch(args):
+        return handle_batch(args, home)
     output = check_output_path(args.output, "output")
     nodes_csv = Path(args.nodes) if args.nodes else None
     if nodes_csv is not None:

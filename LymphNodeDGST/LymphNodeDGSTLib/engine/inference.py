@@ -45,6 +45,18 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PreparedCase:
+    """A CT after stage 1 of segmentation (preprocessed, body box found), before the network."""
+
+    image: sitk.Image
+    version: ModelVersion
+    preprocessed: tuple[np.ndarray, dict]
+    box: BodyBox | None
+    warnings: list[str]
+    seconds: float
+
+
 def _make_predictor_class():
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -153,8 +165,47 @@ class Segmenter:
             predictor.progress = predictor.cancel_event = None
         return label, body_fraction
 
-    def _predict(self, predictor, array_zyx: np.ndarray, spacing_zyx: Sequence[float],
-                 box: BodyBox | None, progress: ProgressCallback | None) -> tuple[np.ndarray, float | None]:
+    # ------------------------------------------------------------ two stages, for batch prefetch
+    def prepare(self, image: sitk.Image, model: str | ModelVersion | None = None,
+                crop_body: bool = True) -> "PreparedCase":
+        """Stage 1 of `segment` (no network): CT checks, body box and nnU-Net's preprocessing.
+        Thread-safe against `segment_prepared` running on another case (batch prefetch)."""
+        started = time.perf_counter()
+        version = self._resolve(model)
+        predictor = self._predictor_for(version, None)
+        array = sitk.GetArrayFromImage(image)
+        spacing_zyx = list(image.GetSpacing())[::-1]
+        warnings = [w for w in [ct_range_warning(array)] if w]
+        box = find_body_box(array, spacing_zyx) if crop_body else None
+        preprocessed = preprocess_case(predictor, array, spacing_zyx)
+        return PreparedCase(image, version, preprocessed, box, warnings, time.perf_counter() - started)
+
+    def segment_prepared(self, prepared: "PreparedCase", fast: bool = False,
+                         progress: ProgressCallback | None = None,
+                         cancel_event: threading.Event | None = None) -> SegmentationResult:
+        """Stage 2 of `segment`: the network and resampling on a case `prepare` made."""
+        started = time.perf_counter()
+        predictor = self._predictor_for(prepared.version, progress)
+        predictor.use_mirroring = not fast
+        predictor.progress, predictor.cancel_event = progress, cancel_event
+        try:
+            label, body_fraction = self._predict(predictor, None, (), prepared.box, progress,
+                                                 preprocessed=prepared.preprocessed)
+        except torch.OutOfMemoryError:
+            _release_memory(self.device)
+            raise OutOfMemory(f"out of memory on {self.device} while segmenting; try --fast, "
+                              "or --device cpu") from None
+        finally:
+            predictor.progress = predictor.cancel_event = None
+        output = sitk.GetImageFromArray(label)
+        output.CopyInformation(prepared.image)
+        return SegmentationResult(output, self._loaded.ref, str(self.device),
+                                  prepared.seconds + time.perf_counter() - started, body_fraction,
+                                  list(prepared.warnings))
+
+    def _predict(self, predictor, array_zyx: np.ndarray | None, spacing_zyx: Sequence[float],
+                 box: BodyBox | None, progress: ProgressCallback | None,
+                 preprocessed: tuple[np.ndarray, dict] | None = None) -> tuple[np.ndarray, float | None]:
         """nnU-Net's preprocessing on the whole image; the network only on the tiles of nnU-Net's
         own whole-image tiling that overlap the body box, so every voxel inside the box gets
         exactly the logits the uncropped run gives it; nnU-Net's resampling back; 0 outside."""
@@ -163,10 +214,9 @@ class Segmenter:
 
         if progress:
             progress("preprocess", 0, 1)
-        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-        data, _, properties = preprocessor.run_case_npy(
-            array_zyx[None].astype(np.float32, copy=False), None, {"spacing": list(spacing_zyx)},
-            predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+        if preprocessed is None:
+            preprocessed = preprocess_case(predictor, array_zyx, spacing_zyx)
+        data, properties = preprocessed
         if progress:
             progress("preprocess", 1, 1)
         body_fraction = None
@@ -210,6 +260,15 @@ class Segmenter:
         if progress:
             progress("load", 1, 1)
         return self._predictor
+
+
+def preprocess_case(predictor, array_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[np.ndarray, dict]:
+    """nnU-Net's own preprocessing of one CT: (data, properties) ready for the network."""
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case_npy(
+        array_zyx[None].astype(np.float32, copy=False), None, {"spacing": list(spacing_zyx)},
+        predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+    return data, properties
 
 
 def load_predictor(version: ModelVersion, device: torch.device, trust_checkpoint: bool = False):

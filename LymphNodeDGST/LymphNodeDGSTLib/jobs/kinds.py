@@ -11,6 +11,7 @@ from LymphNodeDGSTLib.errors import UserInputError
 # Job kinds by name; a kind may also be given directly as "module:function".
 JOB_KINDS = {
     "segment": "LymphNodeDGSTLib.jobs.segment_job:run",
+    "segment_folder": "LymphNodeDGSTLib.jobs.cohort_job:run",
     "adapt": "LymphNodeDGSTLib.adaptation.adapt:run_job",
 }
 

@@ -26,6 +26,8 @@ from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS  # noqa
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home, resolve_home
 from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
+from LymphNodeDGSTLib.slicer_bridge.folder_segmentation import (  # noqa: F401  (for the GUI)
+    folder_result_text, submit_folder_segmentation)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # as devices.DEVICE_CHOICES (which needs torch)
 LYMPH_NODE_SEGMENT = "lymph node"                 # the segment mrml.labelmap_array_to_segmentation makes

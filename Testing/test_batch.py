@@ -1,0 +1,211 @@
+"""Batch segmentation of a folder (issue 18): bad files, resume, parts, read-ahead, devices."""
+
+from __future__ import annotations
+
+import csv
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_ct, tree_snapshot
+from LymphNodeDGSTLib.cli.main import main
+from LymphNodeDGSTLib.engine.batch import BatchSettings, segment_cases
+from LymphNodeDGSTLib.engine.cohort import plan_cohort
+from LymphNodeDGSTLib.engine.cohort_csv import merge_cohort_csvs, read_cohort_csv, write_cohort_csv
+from LymphNodeDGSTLib.engine.cohort_inputs import discover_cases
+from LymphNodeDGSTLib.engine.inference import Segmenter
+from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.parts import Part, parse_part
+from LymphNodeDGSTLib.errors import UserInputError
+
+SMALL = (12, 48, 48)  # one sliding-window tile of the tiny model
+
+
+def write_cohort(folder, n: int, first_seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        sitk.WriteImage(make_ct(shape_zyx=SMALL, seed=first_seed + i), str(folder / f"ct{i:02d}.nii.gz"))
+    return folder
+
+
+def rows_of(path):
+    with open(path, newline="") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+def settings_for(home, **extra) -> BatchSettings:
+    return BatchSettings(str(home / "models"), "tiny", fast=True, **extra)
+
+
+def test_batch_over_a_folder_with_bad_files_reports_them_and_segments_the_rest(installed_home, tmp_path, capsys):
+    """Mutation caught: a bad file that stops the batch (re-raising in the read-ahead thread), or a
+    failed case missing from the cohort CSV."""
+    inputs = write_cohort(tmp_path / "in", 2)
+    (inputs / "sub").mkdir()
+    sitk.WriteImage(make_ct(shape_zyx=SMALL, seed=7), str(inputs / "sub" / "ct.nrrd"))
+    (inputs / "broken.nii.gz").write_bytes(b"not an image")
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(inputs / "flat.nrrd"))  # 2D among 3D
+    (inputs / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+
+    rc = main(["--home", str(installed_home), "segment", str(inputs), str(out), "--fast", "--device", "cpu"])
+    err = capsys.readouterr().err
+
+    assert rc == 1  # the batch ran, some cases failed
+    rows = rows_of(out / "cohort.csv")
+    assert set(rows) == {"broken", "ct00", "ct01", "flat", "sub__ct"}
+    assert rows["broken"]["status"] == "failed" and "cannot read" in rows["broken"]["message"]
+    assert rows["flat"]["status"] == "failed" and "is 2D" in rows["flat"]["message"]
+    for name in ("ct00", "ct01", "sub__ct"):
+        assert rows[name]["status"] == "segmented" and rows[name]["model_version"] == "tiny@1"
+        label = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert label.GetSize() == SMALL[::-1]
+        nodes = list(csv.DictReader(open(out / f"{name}.nodes.csv")))
+        assert int(rows[name]["nodes"]) == len(nodes)
+        volume = sum(float(n["volume_mm3"]) for n in nodes)
+        assert float(rows[name]["total_volume_mm3"]) == pytest.approx(volume, abs=0.05 * len(nodes) + 0.01)
+    assert not (out / "broken.nii.gz").exists()
+    assert "eta" in err and "broken.nii.gz" in err
+
+
+def test_resume_skips_finished_cases_by_content_hash_and_model_version(installed_home, tmp_path,
+                                                                       tiny_model_folder, monkeypatch):
+    """Mutations caught: resuming by file name alone (a changed CT is not redone); ignoring the
+    model version (a new version reuses old labels); trusting a record whose label is gone."""
+    inputs = write_cohort(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    settings = settings_for(installed_home)
+    cases = discover_cases(inputs).cases
+    first = segment_cases(cases, out, settings, "cpu")
+    assert [r.status for r in first] == ["segmented"] * 3
+
+    calls = []
+    original = Segmenter.segment_prepared
+    monkeypatch.setattr(Segmenter, "segment_prepared",
+                        lambda self, prepared, **kw: calls.append(prepared) or original(self, prepared, **kw))
+    again = segment_cases(discover_cases(inputs).cases, out, settings, "cpu")
+    assert [r.status for r in again] == ["resumed"] * 3 and calls == []
+    assert [r.nodes for r in again] == [r.nodes for r in first]
+
+    sitk.WriteImage(make_ct(shape_zyx=SMALL, seed=99), str(inputs / "ct01.nii.gz"))  # new voxels, same name
+    (out / "ct02.nii.gz").unlink()  # an output lost since: redo, whatever the record says
+    third = {r.case: r.status for r in segment_cases(discover_cases(inputs).cases, out, settings, "cpu")}
+    assert third == {"ct00": "resumed", "ct01": "segmented", "ct02": "segmented"}
+
+    store = ModelStore(installed_home / "models")
+    store.add_version("tiny", tiny_model_folder, {"kind": "test"}, activate_if_first=False)
+    newer = {r.case: r.status for r in segment_cases(discover_cases(inputs).cases, out,
+                                                     BatchSettings(str(installed_home / "models"), "tiny@2",
+                                                                   fast=True), "cpu")}
+    assert set(newer.values()) == {"segmented"}
+
+
+def test_next_case_is_prepared_while_the_network_runs(installed_home, tmp_path, monkeypatch):
+    """Mutation caught: a pipeline without read-ahead (prepare and network in turn on one thread):
+    the network on case 1 then waits for a preparation that never starts, and the test fails."""
+    inputs = write_cohort(tmp_path / "in", 2)
+    second_prepare_started = threading.Event()
+    prepared_names = []
+    original_prepare, original_run = Segmenter.prepare, Segmenter.segment_prepared
+
+    def prepare(self, image, **kw):
+        prepared_names.append(threading.current_thread().name)
+        if len(prepared_names) == 2:
+            second_prepare_started.set()
+        return original_prepare(self, image, **kw)
+
+    def run(self, prepared, **kw):
+        if len(prepared_names) == 1:  # network on case 1: case 2 must be under way meanwhile
+            assert second_prepare_started.wait(timeout=120), "no read-ahead"
+        return original_run(self, prepared, **kw)
+
+    monkeypatch.setattr(Segmenter, "prepare", prepare)
+    monkeypatch.setattr(Segmenter, "segment_prepared", run)
+    rows = segment_cases(discover_cases(inputs).cases, tmp_path / "out", settings_for(installed_home), "cpu")
+    assert [r.status for r in rows] == ["segmented", "segmented"]
+    assert set(prepared_names) == {"lndgst-prefetch"}
+
+
+def test_parts_cover_the_folder_exactly_once_and_merge(tmp_path):
+    """Mutations caught: a share that skips or repeats a case (e.g. `[K::N]` instead of
+    `[K-1::N]`); a merge that accepts a missing part or a case in two parts."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(11):
+        sitk.WriteImage(sitk.Image(2, 2, 2, sitk.sitkInt16), str(inputs / f"p{i:02d}.nrrd"))
+    whole = [c.name for c in plan_cohort(inputs, tmp_path / "out").cases]
+    shares = [[c.name for c in plan_cohort(inputs, tmp_path / "out", parse_part(f"{k}/3")).cases]
+              for k in (1, 2, 3)]
+    assert sorted(sum(shares, [])) == sorted(whole) and len(whole) == 11
+    assert sorted(len(s) for s in shares) == [3, 4, 4]
+    assert shares == [[c.name for c in plan_cohort(inputs, tmp_path / "out", Part(k, 3)).cases]
+                      for k in (1, 2, 3)]  # deterministic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    from LymphNodeDGSTLib.engine.cohort_csv import CohortRow
+    for k, share in enumerate(shares, 1):
+        write_cohort_csv([CohortRow(name, "segmented", 1, 10.0, 5.0, "tiny@1", 1.0) for name in share],
+                         out / f"cohort.part-{k}-of-3.csv")
+    merged = merge_cohort_csvs([out], tmp_path / "all.csv")
+    assert [r.case for r in merged] == sorted(whole)
+    assert [r.case for r in read_cohort_csv(tmp_path / "all.csv")] == sorted(whole)
+    (out / "cohort.part-2-of-3.csv").unlink()
+    with pytest.raises(UserInputError, match="parts 2 of 3 are missing"):
+        merge_cohort_csvs([out], tmp_path / "all2.csv")
+    write_cohort_csv([CohortRow(shares[0][0], "segmented")], out / "cohort.part-2-of-3.csv")
+    with pytest.raises(UserInputError, match="is in both"):
+        merge_cohort_csvs([out], tmp_path / "all3.csv")
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "0/3", "1/0", "a/b", "2"])
+def test_bad_part_specs_are_refused(spec):
+    with pytest.raises(UserInputError, match="--part"):
+        parse_part(spec)
+
+
+BAD_BATCH_INPUTS = {
+    "empty folder": (lambda d: [], "no CT images or DICOM series"),
+    "output inside input": (lambda d: ["--part", "1/1"], "inside the input folder"),
+    "part 3/2": (lambda d: ["--part", "3/2"], "K must be between 1 and N"),
+    "part 0/0": (lambda d: ["--part", "0/0"], "N must be at least 1"),
+    "absent GPU": (lambda d: ["--devices", "cuda:0,cuda:1"], "requested but"),
+    "empty device": (lambda d: ["--devices", "cpu,"], "empty device name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCH_INPUTS))
+def test_bad_batch_input_is_exit_2_one_line_and_writes_nothing(installed_home, tmp_path, capsys, case):
+    import torch
+    if case == "absent GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    if case != "empty folder":
+        sitk.WriteImage(make_ct(shape_zyx=SMALL), str(inputs / "ct.nii.gz"))
+    out = inputs / "labels" if case == "output inside input" else tmp_path / "out"
+    before = tree_snapshot(tmp_path)
+    extra, message = BAD_BATCH_INPUTS[case]
+    rc = main(["--home", str(installed_home), "segment", str(inputs), str(out), *extra(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert tree_snapshot(tmp_path) == before and not out.exists()
+
+
+def test_two_cpu_workers_give_the_same_labels_as_one(installed_home, tmp_path):
+    """`--devices cpu,cpu`: two spawned workers, each case once. Mutation caught: workers given
+    the same share (every case twice, one missing) or rows lost on the way back."""
+    inputs = write_cohort(tmp_path / "in", 2)
+    one = segment_cases(discover_cases(inputs).cases, tmp_path / "one", settings_for(installed_home), "cpu")
+    rc = main(["--home", str(installed_home), "segment", str(inputs), str(tmp_path / "two"), "--fast",
+               "--devices", "cpu,cpu"])
+    assert rc == 0
+    rows = rows_of(tmp_path / "two" / "cohort.csv")
+    assert sorted(rows) == [r.case for r in one] and {r["status"] for r in rows.values()} == {"segmented"}
+    for row in one:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / f"{row.case}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "two" / f"{row.case}.nii.gz")))
+        assert np.array_equal(a, b)
+
