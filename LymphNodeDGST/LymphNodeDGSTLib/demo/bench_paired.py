@@ -13,7 +13,7 @@ def paired_differences(rows: list[dict], part: str, target: str, method: str, re
     """Dice(method) - Dice(reference) for every (seed, test case) both measured."""
     by_key: dict[tuple[str, int], list[float]] = {}
     for row in rows:
-        if row.get("part") == part and row.get("status") == "ok" and row["shots"] == shots \\
+        if row.get("part") == part and row.get("status") == "ok" and row["shots"] == shots \
                 and row["method"] in (method, reference):
             by_key[(row["method"], row["seed"])] = row["dice"][target]
     differences = []
