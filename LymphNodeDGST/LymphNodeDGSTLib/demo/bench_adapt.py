@@ -446,7 +446,7 @@ def run_in_child(spec: RunSpec, timeout_s: float) -> dict:
     work = Path(spec.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    spec_path, log_path, result_path = work / "spec.json", work.with_suffix(".log"), Path(spec.result_path)
+    spec_path, log_path, result_path = work / "spec.json", work.parent / f"{work.name}.log", Path(spec.result_path)
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(asdict(spec), indent=1))
     environment = dict(os.environ, nnUNet_n_proc_DA="0", PYTHONUNBUFFERED="1")
