@@ -28,7 +28,7 @@ from LymphNodeDGSTLib.slicer_bridge.editor import EmbeddedSegmentEditor
 from LymphNodeDGSTLib.slicer_bridge.reporting import reported
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.jobs.manager import JobManager
-from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
+from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_DEFAULT_METHOD, ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
                                     MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
                                     JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
                                     adaptation_outcome, case_rows, device_text, failure_text,
@@ -71,7 +71,7 @@ class LymphNodeDGSTParameterNode:
     nodeTable: vtkMRMLTableNode
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
     fast: bool = False
-    method: Annotated[str, Choice(list(ADAPT_METHODS))] = "dgst"
+    method: Annotated[str, Choice(list(ADAPT_METHODS))] = ADAPT_DEFAULT_METHOD
     gamma: Annotated[int, WithinRange(1, 64)] = 2
     iterations: Annotated[int, WithinRange(1, 100000)] = 250
     adaptDevice: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"

@@ -70,6 +70,8 @@ def test_bad_requests_fail_before_any_training(installed_home, tiny_model_folder
         check_request(home, AdaptRequest(method="magic"))
     with pytest.raises(UserInputError, match="gamma"):
         check_request(home, AdaptRequest(gamma=0))
+    with pytest.raises(UserInputError, match="--selection-only needs a sparse method"):
+        check_request(home, AdaptRequest(method="norm", selection_only=True))
     with pytest.raises(UserInputError, match="no model named"):
         check_request(home, AdaptRequest(model="nope"))
     three_labels = tmp_path / "three"

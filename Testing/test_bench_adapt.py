@@ -188,6 +188,10 @@ def test_plan_order_keeps_every_part_measured_early_and_phantoms_can_be_skipped(
     (["--shots", "one"], "whole numbers"),
     (["--lr", "fast"], "--lr"),
     (["--iterations", "0"], "--iterations"),
+    (["--shift", "D"], "--shift"),
+    (["--tune-lr", "1e-2,x"], "--tune-lr"),
+    (["--tune-lr", "1e-2", "--lr", "1e-2"], "exclude each other"),
+    (["--selection-only", "--methods", "none,norm"], "--selection-only"),
 ])
 def test_bad_options_exit_2_before_any_work(arguments, message, tmp_path, capsys):
     output = tmp_path / "out"

@@ -181,8 +181,9 @@ def test_plain_conv_unet_has_transposed_convolutions_in_the_sparse_set():
     assert not any(info.in_seg_layers for info in policy.sparse)
 
 
-@pytest.mark.parametrize("name", ["dgst", "random", "static"])
+@pytest.mark.parametrize("name", dgst.SPARSE_POLICY_NAMES)
 def test_sparse_policies_change_exactly_the_selected_entries(name):
+    """Exactness for the paper's dgst and every project variant (ema, split, budget)."""
     network = tiny_unet()
     foundation = {n: p.detach().clone() for n, p in network.named_parameters()}
     policy = dgst.make_policy(name, network, gamma=GAMMA, seed=1, warmup_steps=2)
@@ -267,7 +268,10 @@ def test_make_policy_rejects_unknown_names_and_bad_gamma():
         dgst.make_policy("dgts", tiny_unet())
     with pytest.raises(ValueError):
         dgst.make_policy("dgst", tiny_unet(), gamma=0)
-    assert set(dgst.POLICY_NAMES) == {"dgst", "full", "bias", "norm", "lora", "random", "static"}
+    assert set(dgst.POLICY_NAMES) == {"dgst", "full", "bias", "norm", "lora", "random", "static",
+                                      "dgst-ema", "dgst-split", "dgst-budget"}
+    with pytest.raises(ValueError, match="selection-only"):
+        dgst.make_policy("norm", tiny_unet(), selection_only=True)
 
 
 def test_policy_state_round_trip_restores_static_selection_and_random_stream():

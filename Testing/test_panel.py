@@ -429,7 +429,11 @@ def test_constants_match_the_core():
     from LymphNodeDGSTLib.adaptation.dgst import POLICY_NAMES
 
     assert panel.DEVICE_CHOICES == DEVICE_CHOICES
-    assert set(panel.ADAPT_METHODS) == set(POLICY_NAMES) and panel.ADAPT_METHODS[0] == "dgst"
+    from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD, SPARSE_METHODS
+    from LymphNodeDGSTLib.adaptation.dgst import SPARSE_POLICY_NAMES
+
+    assert set(panel.ADAPT_METHODS) == set(POLICY_NAMES) and panel.ADAPT_METHODS[0] == DEFAULT_METHOD
+    assert panel.ADAPT_DEFAULT_METHOD == DEFAULT_METHOD and set(SPARSE_METHODS) == set(SPARSE_POLICY_NAMES)
     assert panel.device_text("cpu").startswith("Device: CPU (")
     assert "No GPU will be used" in panel.device_text("cpu")
 

@@ -216,8 +216,8 @@ def test_written_files_read_back_with_their_geometry_and_manifest(tmp_path):
 
 
 def test_bad_site_seed_or_count_is_a_user_error(tmp_path):
-    with pytest.raises(UserInputError, match="known sites: A, B"):
-        generate_phantom("C", 0)
+    with pytest.raises(UserInputError, match="known sites: A, B, C"):
+        generate_phantom("D", 0)
     with pytest.raises(UserInputError, match="seed"):
         generate_phantom("A", -1)
     out = tmp_path / "never"
@@ -246,3 +246,24 @@ def test_interrupted_write_leaves_no_half_written_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_phantoms(tmp_path, "A", 1, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_site_c_nodes_are_rim_enhancing_flat_rings_brighter_than_muscle(phantoms):
+    """The harder shift: every site-C node has a bright wall around a fluid centre, so the node
+    wall reads above muscle (site A: below) and a node is a ring, not a blob.
+
+    Mutation caught: a site C that only changes the scanner (B's node pattern)."""
+    for (site, _), p in phantoms.items():
+        if site not in ("A", "C"):
+            continue
+        image, _, tissues = _arrays(p)
+        wall, centre = image[tissues == Tissue.NODE].mean(), image[tissues == Tissue.NECROSIS]
+        muscle = image[tissues == Tissue.MUSCLE].mean()
+        if site == "A":
+            assert wall < muscle
+            continue
+        assert all(node.necrotic for node in p.nodes) and p.nodes
+        low, high = SITE_PROFILES["C"].necrosis_scale_range
+        assert all(low <= node.necrosis_scale <= high for node in p.nodes)
+        assert wall > muscle + 40.0
+        assert centre.mean() < muscle

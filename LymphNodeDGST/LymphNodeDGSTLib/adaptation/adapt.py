@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import SimpleITK as sitk
 
+from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD, SPARSE_METHODS
 from LymphNodeDGSTLib.adaptation.cases import CaseLibrary, CaseRecord
 from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.engine.devices import choose_device
@@ -44,7 +45,7 @@ class AdaptRequest:
     """What `lndgst adapt` and the Slicer module ask for."""
 
     model: str | None = None
-    method: str = "dgst"
+    method: str = DEFAULT_METHOD
     gamma: int = 2
     iterations: int = 250
     iterations_per_epoch: int = 50
@@ -56,12 +57,13 @@ class AdaptRequest:
     holdout: int | None = None      # held-out cases; None: a quarter, at least one from 3 cases
     evaluate_fast: bool = True      # held-out evaluation without mirroring (8x faster on CPU)
     nproc: int = 1                  # > 1: DDP training on this many processes (torchrun)
+    selection_only: bool = False    # sparse methods: only the selected convolution entries move
 
     def settings(self) -> FineTuneSettings:
         return FineTuneSettings(method=self.method, gamma=self.gamma, iterations=self.iterations,
                                 iterations_per_epoch=self.iterations_per_epoch,
                                 learning_rate=self.learning_rate, foundation_l2=self.foundation_l2,
-                                seed=self.seed).validate()
+                                seed=self.seed, selection_only=self.selection_only).validate()
 
 
 @dataclass
@@ -178,7 +180,7 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
         "parent": parent.ref,
         "parent_checkpoint_sha256": parent.metadata.get("checkpoint_sha256", {}).get(fold),
         "method": settings.method,
-        "gamma": settings.gamma if settings.method in ("dgst", "random", "static") else None,
+        "gamma": settings.gamma if settings.method in SPARSE_METHODS else None,
         "iterations": settings.iterations,
         "settings": asdict(settings),
         "device": str(device),

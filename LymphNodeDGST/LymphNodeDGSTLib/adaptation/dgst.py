@@ -19,6 +19,18 @@ Policies (`make_policy(name, network, ...)`):
   lora    PEFT LoRA adapters on every convolution outside `seg_layers` + biases + `seg_layers`;
           `merge_lora` folds them back into plain convolution weights
 
+This project's variants of DGST (not the paper's method; `dgst` above is the paper's, unchanged):
+  dgst-ema     top-`gamma` per filter of a running average of |grad| (EMA, beta 0.9), so the
+               selection is steadier and momentum gets several steps on the same entries
+  dgst-split   `dgst`'s selection; the sparse convolution entries get 10x the learning rate of the
+               always-trained set (optimizer parameter groups with an `lr_scale`)
+  dgst-budget  `dgst`'s selection, but each filter may ever move at most 4 x `gamma` distinct
+               entries; once a filter's budget would be exceeded it re-selects among its moved
+               entries first (bounds the drift from the foundation and the adapter size)
+
+Every sparse policy takes `selection_only=True`: the always-trained set is frozen too, so only
+the selected convolution entries move (an ablation: does the selection itself matter?).
+
 Use in a training step (nnU-Net's train_step, with or without a GradScaler)::
 
     policy = make_policy("dgst", network, gamma=2)          # after loading the foundation weights
@@ -54,7 +66,14 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-POLICY_NAMES = ("dgst", "random", "static", "bias", "norm", "full", "lora")
+from LymphNodeDGSTLib.adaptation.selection_stats import SelectionPersistence
+
+POLICY_NAMES = ("dgst", "random", "static", "bias", "norm", "full", "lora",
+                "dgst-ema", "dgst-split", "dgst-budget")
+SPARSE_POLICY_NAMES = ("dgst", "random", "static", "dgst-ema", "dgst-split", "dgst-budget")
+EMA_BETA = 0.9            # dgst-ema: weight of the running average's past
+SPLIT_LR_SCALE = 10.0     # dgst-split: learning-rate factor of the sparse convolution entries
+BUDGET_PER_GAMMA = 4      # dgst-budget: distinct entries ever moved per filter = 4 x gamma
 SEG_LAYERS = "seg_layers"
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
@@ -227,6 +246,10 @@ class UpdatePolicy(ABC):
     def plan(self) -> StepPlan:
         """Called after backward (gradients unscaled): what may change in this step."""
 
+    def optimizer_groups(self) -> list[dict]:
+        """Optimizer parameter groups; `lr_scale` multiplies the schedule's learning rate."""
+        return [{"params": self.trainable_parameters(), "lr_scale": 1.0}]
+
     def after_step(self, stepped: bool) -> None:
         """Called after the optimiser step; `stepped` is False when a GradScaler skipped it."""
 
@@ -271,18 +294,30 @@ class SparseFilterPolicy(UpdatePolicy):
 
     name = "sparse"
 
-    def __init__(self, network: nn.Module, gamma: int = 2) -> None:
+    def __init__(self, network: nn.Module, gamma: int = 2, selection_only: bool = False,
+                 sparse_lr_scale: float = 1.0) -> None:
         super().__init__(network)
         if int(gamma) < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.gamma = int(gamma)
-        self.always = [info for info in self.infos if info.always_trained]
+        self.selection_only = bool(selection_only)
+        self.sparse_lr_scale = float(sparse_lr_scale)
+        self.always = [] if self.selection_only else [info for info in self.infos if info.always_trained]
         self.sparse = [info for info in self.infos
                        if info.layout is not None and not info.always_trained]
         self._freeze_all_but(self.always + self.sparse)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [info.parameter for info in self.always + self.sparse]
+
+    def optimizer_groups(self) -> list[dict]:
+        groups = [{"params": [info.parameter for info in self.always], "lr_scale": 1.0},
+                  {"params": [info.parameter for info in self.sparse], "lr_scale": self.sparse_lr_scale}]
+        return [group for group in groups if group["params"]]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "selection_only": self.selection_only,
+                "sparse_lr_scale": self.sparse_lr_scale}
 
     def entries_in(self, info: ParameterInfo) -> int:
         assert info.layout is not None
@@ -336,6 +371,10 @@ class DynamicTopGammaPolicy(SparseFilterPolicy):
 
     name = "dgst"
 
+    def __init__(self, network: nn.Module, gamma: int = 2, name: str = "dgst", **sparse_options) -> None:
+        super().__init__(network, gamma, **sparse_options)
+        self.name = name
+
     def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
         def gradient_scores(infos: list[ParameterInfo]) -> torch.Tensor:
             gradient = infos[0].parameter.grad
@@ -348,13 +387,125 @@ class DynamicTopGammaPolicy(SparseFilterPolicy):
         return self._select_by_filter_size(gradient_scores)
 
 
+class RunningAverageTopGammaPolicy(SparseFilterPolicy):
+    """Project variant `dgst-ema` (not the paper's): top-`gamma` per output filter of a running
+    average of |grad|, `avg = beta * avg + (1 - beta) * |grad|` (the first step: |grad|).
+
+    The average is committed only in `after_step` of a step that really ran, so a step the
+    GradScaler skips does not enter it.
+    """
+
+    name = "dgst-ema"
+
+    def __init__(self, network: nn.Module, gamma: int = 2, beta: float = EMA_BETA, **sparse_options) -> None:
+        super().__init__(network, gamma, **sparse_options)
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self.averages: dict[str, torch.Tensor] = {}       # [filters, entries] per weight
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        pending, masks = {}, []
+        for info in self.sparse:
+            gradient = info.parameter.grad
+            if gradient is None:
+                continue
+            scores = self._gradient_scores(info, gradient)
+            previous = self.averages.get(info.name)
+            if previous is not None:
+                scores.mul_(1.0 - self.beta).add_(previous, alpha=self.beta)
+            pending[info.name] = scores
+            masks.append((info, info.layout.from_filters(top_gamma_mask(scores, self.gamma))))
+        self._pending = pending
+        return masks
+
+    def after_step(self, stepped: bool) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and stepped:
+            self.averages.update(pending)
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "averages": {k: v.detach().cpu() for k, v in self.averages.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        devices = {info.name: info.parameter.device for info in self.sparse}
+        self.beta = float(state["beta"])
+        self.averages = {k: v.to(devices[k]) for k, v in state["averages"].items()}
+        self._pending = None
+
+
+class BudgetTopGammaPolicy(SparseFilterPolicy):
+    """Project variant `dgst-budget` (not the paper's): `dgst`'s top-|grad| selection, but each
+    output filter may ever move at most `budget` distinct entries.
+
+    Per step and filter: take the top-`gamma` by |grad|; if that would take the filter's count of
+    entries ever moved past `budget`, choose instead by (ever moved, |grad|): entries already
+    moved first, then new ones by |grad|. So a filter never holds more than `budget` moved entries
+    (budget >= gamma), and still moves exactly `gamma` entries per step.
+    """
+
+    name = "dgst-budget"
+
+    def __init__(self, network: nn.Module, gamma: int = 2, budget: int = 8, **sparse_options) -> None:
+        super().__init__(network, gamma, **sparse_options)
+        if int(budget) < self.gamma:
+            raise ValueError(f"budget must be >= gamma ({self.gamma}), got {budget}")
+        self.budget = int(budget)
+        self.ever: dict[str, torch.Tensor] = {}           # [filters, entries] bool per weight
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def select(self) -> list[tuple[ParameterInfo, torch.Tensor]]:
+        pending, masks = {}, []
+        for info in self.sparse:
+            gradient = info.parameter.grad
+            if gradient is None:
+                continue
+            scores = self._gradient_scores(info, gradient)
+            chosen = top_gamma_mask(scores, self.gamma)
+            ever = self.ever.get(info.name)
+            if ever is not None:
+                after = (ever | chosen).sum(dim=1)
+                over = after > self.budget
+                if bool(over.any()):
+                    # (ever moved, |grad|) order: lift moved entries above every score of the row
+                    lift = scores.nan_to_num(nan=0.0).amax(dim=1, keepdim=True) + 1.0
+                    ranked = torch.where(ever, scores + lift, scores)
+                    chosen[over] = top_gamma_mask(ranked[over], self.gamma)
+                chosen_ever = ever | chosen
+            else:
+                chosen_ever = chosen
+            pending[info.name] = chosen_ever
+            masks.append((info, info.layout.from_filters(chosen)))
+        self._pending = pending
+        return masks
+
+    def after_step(self, stepped: bool) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and stepped:
+            self.ever.update(pending)
+
+    def distinct_moved(self) -> int:
+        """Distinct convolution entries allowed to move so far."""
+        return int(sum(int(mask.sum()) for mask in self.ever.values()))
+
+    def state_dict(self) -> dict:
+        return {"budget": self.budget, "ever": {k: v.cpu() for k, v in self.ever.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        devices = {info.name: info.parameter.device for info in self.sparse}
+        self.budget = int(state["budget"])
+        self.ever = {k: v.to(devices[k]) for k, v in state["ever"].items()}
+        self._pending = None
+
+
 class RandomPolicy(SparseFilterPolicy):
     """`gamma` random entries per output filter, re-drawn every step from a seeded generator."""
 
     name = "random"
 
-    def __init__(self, network: nn.Module, gamma: int = 2, seed: int = 0) -> None:
-        super().__init__(network, gamma)
+    def __init__(self, network: nn.Module, gamma: int = 2, seed: int = 0, **sparse_options) -> None:
+        super().__init__(network, gamma, **sparse_options)
         self.seed = int(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -388,8 +539,9 @@ class StaticPolicy(SparseFilterPolicy):
 
     name = "static"
 
-    def __init__(self, network: nn.Module, gamma: int = 2, warmup_steps: int = 10) -> None:
-        super().__init__(network, gamma)
+    def __init__(self, network: nn.Module, gamma: int = 2, warmup_steps: int = 10,
+                 **sparse_options) -> None:
+        super().__init__(network, gamma, **sparse_options)
         if int(warmup_steps) < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
         self.warmup_steps = int(warmup_steps)
@@ -559,14 +711,28 @@ class LoRAPolicy(WholeTensorPolicy):
 
 def make_policy(name: str, network: nn.Module, gamma: int = 2, seed: int = 0,
                 warmup_steps: int = 10, lora_rank: int = 32, lora_alpha: float = 16,
-                lora_dropout: float = 0.1) -> UpdatePolicy:
-    """The update policy called `name` (one of POLICY_NAMES) for `network`."""
+                lora_dropout: float = 0.1, selection_only: bool = False) -> UpdatePolicy:
+    """The update policy called `name` (one of POLICY_NAMES) for `network`.
+
+    `selection_only` (sparse policies only) freezes the always-trained set as well.
+    """
+    if selection_only and name not in SPARSE_POLICY_NAMES:
+        raise ValueError(f"selection-only needs a sparse method ({', '.join(SPARSE_POLICY_NAMES)}), "
+                         f"not {name!r}")
+    sparse = {"selection_only": selection_only}
     if name == "dgst":
-        return DynamicTopGammaPolicy(network, gamma)
+        return DynamicTopGammaPolicy(network, gamma, **sparse)
+    if name == "dgst-split":
+        return DynamicTopGammaPolicy(network, gamma, sparse_lr_scale=SPLIT_LR_SCALE, name="dgst-split",
+                                     **sparse)
+    if name == "dgst-ema":
+        return RunningAverageTopGammaPolicy(network, gamma, beta=EMA_BETA, **sparse)
+    if name == "dgst-budget":
+        return BudgetTopGammaPolicy(network, gamma, budget=BUDGET_PER_GAMMA * gamma, **sparse)
     if name == "random":
-        return RandomPolicy(network, gamma, seed=seed)
+        return RandomPolicy(network, gamma, seed=seed, **sparse)
     if name == "static":
-        return StaticPolicy(network, gamma, warmup_steps=warmup_steps)
+        return StaticPolicy(network, gamma, warmup_steps=warmup_steps, **sparse)
     if name == "bias":
         return WholeTensorPolicy(network, "bias", lambda i: i.is_bias or i.in_seg_layers)
     if name == "norm":
@@ -597,9 +763,12 @@ class MaskedStepper:
     Per step: ask the policy for the plan; drop the gradients of parameters not allowed at all
     (torch optimisers skip parameters whose grad is None); zero the gradients of disallowed
     entries; add the optional L2-to-foundation gradient `foundation_l2 * (w - w_foundation)` on
-    the allowed entries; clip the applied gradients; snapshot the partially allowed tensors; step;
-    copy the snapshot back into every disallowed entry. The optimiser state of a disallowed entry
-    evolves as the optimiser makes it with a zero gradient (momentum decays), its value never.
+    the allowed entries; clip the applied gradients; add coupled weight decay (SGD, Adam, ...:
+    `weight_decay * w`) on the allowed entries only and step with the group's weight decay set to
+    0; snapshot the partially allowed tensors; step; copy the snapshot back into every disallowed
+    entry. So a disallowed entry's value never changes, and its optimiser state evolves exactly as
+    with a zero gradient (SGD momentum: `buf = momentum * buf`, no weight-decay term). Decoupled
+    weight decay (AdamW) acts on the value only, which is restored.
     """
 
     def __init__(self, policy: UpdatePolicy, max_grad_norm: float | None = None,
@@ -611,6 +780,7 @@ class MaskedStepper:
         if self.foundation_l2 > 0:
             self.foundation = {id(p): p.detach().clone() for p in policy.trainable_parameters()}
         self.entries_history: list[int] = []
+        self.persistence = SelectionPersistence()
         self.steps = 0
         self.steps_applied = 0
         self._zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -649,12 +819,18 @@ class MaskedStepper:
         if self.max_grad_norm is not None and applied:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(applied, self.max_grad_norm))
 
+        decays = self._apply_weight_decay_to_allowed(optimizer, masked)
         snapshots = [p.detach().clone() for p, _, _ in masked]
-        stepped = _run_optimizer_step(optimizer, scaler)
+        try:
+            stepped = _run_optimizer_step(optimizer, scaler)
+        finally:
+            for group, decay in decays:
+                group["weight_decay"] = decay
         if stepped:
             with torch.no_grad():
                 for (p, mask, _), snapshot in zip(masked, snapshots):
                     torch.where(mask, p, snapshot, out=p)
+            self.persistence.update(masked)
         del snapshots
         self.policy.after_step(stepped)
 
@@ -664,6 +840,32 @@ class MaskedStepper:
         self.steps_applied += int(stepped)
         self.entries_history.append(entries)
         return StepReport(stepped, entries, sparse_entries, grad_norm)
+
+    def _apply_weight_decay_to_allowed(self, optimizer: torch.optim.Optimizer,
+                                       masked: list[tuple[nn.Parameter, torch.Tensor, int]]
+                                       ) -> list[tuple[dict, float]]:
+        """Add coupled weight decay to the gradients of allowed entries only; set the groups'
+        weight decay to 0 for the step. Returns (group, weight decay) pairs to restore."""
+        if isinstance(optimizer, torch.optim.AdamW):
+            return []
+        masks = {id(p): mask for p, mask, _ in masked}
+        changed = []
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                decay = group.get("weight_decay", 0.0)
+                if not decay or group.get("decoupled_weight_decay", False):
+                    continue
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    mask = masks.get(id(p))
+                    if mask is None:
+                        p.grad.add_(p, alpha=decay)
+                    else:
+                        p.grad.add_(torch.where(mask, p, self._zero(p)), alpha=decay)
+                changed.append((group, decay))
+                group["weight_decay"] = 0.0
+        return changed
 
     def _add_foundation_gradient(self, whole: list[nn.Parameter],
                                  masked: list[tuple[nn.Parameter, torch.Tensor, int]]) -> None:
@@ -679,6 +881,7 @@ class MaskedStepper:
         described = self.policy.describe()
         steps = max(self.steps_applied, 1)
         return {**described,
+                **self.persistence.summary(),
                 "steps": self.steps,
                 "steps_applied": self.steps_applied,
                 "entries_updated_total": self.total_entries_updated,

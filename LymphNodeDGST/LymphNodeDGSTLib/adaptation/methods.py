@@ -1,5 +1,14 @@
-"""The adaptation methods a user can choose, by name (light: no torch, for the panel and the parser)."""
+"""The adaptation methods a user can choose, by name (light: no torch, for the panel and the parser).
 
-METHODS = ("dgst", "full", "bias", "norm", "lora", "random", "static")
-METHOD_HELP = ("dgst (default: top-gamma gradients per kernel + norms, biases, head), full, "
-               "bias (BitFit), norm, lora, random, static")
+`DEFAULT_METHOD` is the product's default, chosen from the adaptation benchmark
+(docs/benchmarks.md, "Choosing the default"); it comes first in `METHODS`.
+"""
+
+DEFAULT_METHOD = "dgst"
+METHODS = ("dgst", "full", "bias", "norm", "lora", "random", "static",
+           "dgst-ema", "dgst-split", "dgst-budget")
+SPARSE_METHODS = ("dgst", "random", "static", "dgst-ema", "dgst-split", "dgst-budget")
+METHOD_HELP = ("dgst (the paper's: top-gamma gradients per kernel + norms, biases, head), full, "
+               "bias (BitFit), norm, lora, random, static; this project's variants: dgst-ema "
+               "(selection on a running average of |grad|), dgst-split (10x learning rate on the "
+               "sparse entries), dgst-budget (at most 4 x gamma entries per kernel ever move)")

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from LymphNodeDGSTLib.engine.architectures import checkpoint_dict
-from LymphNodeDGSTLib.adaptation.dgst import POLICY_NAMES, MaskedStepper, make_policy, merged_state_dict
+from LymphNodeDGSTLib.adaptation.dgst import (POLICY_NAMES, SPARSE_POLICY_NAMES, MaskedStepper, make_policy,
+                                              merged_state_dict)
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.adaptation.nnunet_dataset import PreparedDataset, nnunet_folders
 from LymphNodeDGSTLib.adaptation.weight_stats import weight_change_summary
@@ -31,7 +32,9 @@ from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
 
 # Learning rates of the authors' code (DGST.md, comparison methods).
 DEFAULT_LEARNING_RATES = {"full": 1e-3, "bias": 1e-2, "norm": 1e-3, "lora": 1e-3,
-                          "dgst": 1e-3, "random": 1e-3, "static": 1e-3}
+                          "dgst": 1e-3, "random": 1e-3, "static": 1e-3,
+                          # this project's variants: the paper's DGST rate
+                          "dgst-ema": 1e-3, "dgst-split": 1e-3, "dgst-budget": 1e-3}
 STATS_FILE = "adaptation_stats.json"
 
 IterationCallback = Callable[[int, int, float], None]      # (done, total, loss)
@@ -56,6 +59,7 @@ class FineTuneSettings:
     static_warmup_steps: int = 10
     seed: int = 0
     deep_supervision: bool = True
+    selection_only: bool = False      # sparse methods: freeze norms, biases and head too
 
     def validate(self) -> "FineTuneSettings":
         if self.method not in POLICY_NAMES:
@@ -66,6 +70,9 @@ class FineTuneSettings:
             raise UserInputError("--iterations must be at least 1")
         if self.foundation_l2 < 0:
             raise UserInputError("the L2-to-foundation coefficient must be >= 0")
+        if self.selection_only and self.method not in SPARSE_POLICY_NAMES:
+            raise UserInputError(f"--selection-only needs a sparse method ({', '.join(SPARSE_POLICY_NAMES)}), "
+                                 f"not '{self.method}'")
         return self
 
     @property
@@ -132,9 +139,10 @@ def _trainer_class():
             self.network.load_state_dict(self.foundation_weights)
             self.policy = make_policy(self.settings.method, self.network, gamma=self.settings.gamma,
                                       seed=self.settings.seed,
-                                      warmup_steps=self.settings.static_warmup_steps)
+                                      warmup_steps=self.settings.static_warmup_steps,
+                                      selection_only=self.settings.selection_only)
             self.network.to(self.device)  # LoRA adapters are created on the CPU
-            optimizer = torch.optim.SGD(self.policy.trainable_parameters(), self.initial_lr,
+            optimizer = torch.optim.SGD(self.policy.optimizer_groups(), self.initial_lr,
                                         momentum=self.settings.momentum, nesterov=self.settings.nesterov,
                                         weight_decay=self.weight_decay)
             self.stepper = MaskedStepper(self.policy, max_grad_norm=self.settings.max_grad_norm,
@@ -181,7 +189,7 @@ def _trainer_class():
             """nnU-Net's polynomial decay, per iteration (short runs have one or two epochs)."""
             progress = min(self.iteration / self.settings.iterations, 1.0)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.initial_lr * (1 - progress) ** 0.9
+                group["lr"] = scheduled_learning_rate(self.initial_lr, progress, group.get("lr_scale", 1.0))
 
         def on_epoch_end(self):
             self.logger.log("epoch_end_timestamps", time.time(), self.current_epoch)
@@ -229,6 +237,11 @@ def _trainer_class():
             return snapshot_state(self.network.state_dict())
 
     return SiteAdaptationTrainer
+
+
+def scheduled_learning_rate(initial: float, progress: float, lr_scale: float = 1.0) -> float:
+    """nnU-Net's PolyLR at `progress` (0..1) times the parameter group's `lr_scale`."""
+    return initial * lr_scale * (1 - progress) ** 0.9
 
 
 def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: Path,

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 
 from LymphNodeDGSTLib.cli.options import add_device
-from LymphNodeDGSTLib.adaptation.methods import METHOD_HELP, METHODS
+from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD, METHOD_HELP, METHODS
 from LymphNodeDGSTLib.errors import EXIT_OK
 from LymphNodeDGSTLib.home import Home
 
@@ -17,7 +17,10 @@ COMMAND = "adapt"
 def register(commands: argparse._SubParsersAction) -> None:
     adapt = commands.add_parser("adapt", help="fine-tune the model on the case library (background job)")
     adapt.add_argument("--model", help="NAME (its active version is the parent; default: the only model)")
-    adapt.add_argument("--method", default="dgst", choices=METHODS, help=METHOD_HELP)
+    adapt.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help=METHOD_HELP)
+    adapt.add_argument("--selection-only", action="store_true",
+                       help="sparse methods: freeze norms, biases and head too, so only the selected "
+                            "convolution entries move (an ablation)")
     adapt.add_argument("--gamma", type=int, default=2, help="entries updated per kernel and iteration")
     adapt.add_argument("--iterations", type=int, default=250, help="training iterations (default 250)")
     adapt.add_argument("--iterations-per-epoch", type=int, default=50,
@@ -52,7 +55,8 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         iterations_per_epoch=args.iterations_per_epoch, device=args.device,
         activation="never" if args.no_activate else "force" if args.force_activate else "auto",
         learning_rate=args.lr, foundation_l2=args.l2_to_foundation, seed=args.seed,
-        holdout=args.holdout, evaluate_fast=not args.accurate_eval, nproc=args.nproc)
+        holdout=args.holdout, evaluate_fast=not args.accurate_eval, nproc=args.nproc,
+        selection_only=args.selection_only)
     parent, split = check_request(home, request)
     request.model = parent.ref
     device = str(choose_device(args.device))

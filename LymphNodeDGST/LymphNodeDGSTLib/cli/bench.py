@@ -40,6 +40,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "1 seed, 4 iterations, cropped images (under 90 s)")
     adapt.add_argument("--resume", action="store_true", help="keep the runs already in OUTPUT/runs.jsonl")
     adapt.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    adapt.add_argument("--shift", help="phantom site to adapt to: B (scanner and contrast, "
+                       "default) or C (rim-enhancing flat nodes: the harder shift)")
+    adapt.add_argument("--selection-only", action="store_true", help="sparse methods: freeze norms, "
+                       "biases and head, so only the selected convolution entries move")
+    adapt.add_argument("--attribution", action="store_true", help="sparse methods: also Dice with the "
+                       "convolution changes undone and with the always-trained changes undone")
+    adapt.add_argument("--tune-lr", metavar="LRS", help="comma-separated learning rates: per method, the "
+                       "best on held-out training-site phantoms is used for the test runs")
+    adapt.add_argument("--validation", type=int, help="held-out training-site phantoms scoring each "
+                       "tuning run (default 2)")
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
@@ -53,7 +63,8 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     if args.shots:
         config.shots = tuple(_integers(args.shots, "--shots"))
     for option, name in (("seeds", "seeds"), ("iterations", "iterations"), ("gamma", "gamma"),
-                         ("test_b", "site_b_tests"), ("test_a", "site_a_tests")):
+                         ("test_b", "site_b_tests"), ("test_a", "site_a_tests"),
+                         ("validation", "validation_cases")):
         value = getattr(args, option)
         if value is not None:
             setattr(config, name, value)
@@ -65,6 +76,14 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         raise UserInputError("--skip-sts with --skip-phantoms leaves nothing to run")
     config.sts_folder = args.sts
     config.device = args.device
+    if args.shift:
+        config.shift = args.shift
+    config.selection_only = args.selection_only
+    config.attribution = args.attribution
+    if args.tune_lr:
+        if args.lr is not None:
+            raise UserInputError("--tune-lr and --lr exclude each other")
+        config.tune_lrs = tuple(_float(item, "--tune-lr") for item in _names(args.tune_lr))
     outputs = run_benchmark(config, Path(args.output), resume=args.resume)
     print(outputs.table.read_text())
     return EXIT_FAILURE if outputs.failed else EXIT_OK
@@ -85,5 +104,6 @@ def _float(text: str, option: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise UserInputError(f"{option}: give a number (e.g. 1e-2) or 'authors'") from None
+        raise UserInputError(f"{option}: give a number (e.g. 1e-2)"
+                             + (" or 'authors'" if option == "--lr" else "")) from None
 

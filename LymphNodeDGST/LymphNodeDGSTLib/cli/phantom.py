@@ -13,8 +13,9 @@ COMMAND = "phantom"
 def register(commands: argparse._SubParsersAction) -> None:
     phantom = commands.add_parser("phantom", help="write synthetic neck CT phantoms (site A or B)")
     phantom.add_argument("out_dir", help="folder to write the CT and label NIfTI files into")
-    phantom.add_argument("--site", default="A", help="site profile: A (non-contrast, 3 mm) or B "
-                         "(contrast, 1.25 mm, larger and necrotic nodes)")
+    phantom.add_argument("--site", default="A", help="site profile: A (non-contrast, 3 mm), B "
+                         "(contrast, 1.25 mm, larger and necrotic nodes) or C (B's scanner, rim-enhancing "
+                         "flat nodes: the harder shift)")
     phantom.add_argument("--n", type=int, default=1, help="how many phantoms")
     phantom.add_argument("--seed", type=int, default=0, help="seed of the first phantom")
 

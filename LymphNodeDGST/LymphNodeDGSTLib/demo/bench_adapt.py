@@ -40,7 +40,12 @@ import numpy as np
 
 from LymphNodeDGSTLib.errors import UserInputError
 
-METHODS = ("none", "full", "bias", "norm", "lora", "random", "static", "dgst")
+METHODS = ("none", "full", "bias", "norm", "lora", "random", "static", "dgst",
+           "dgst-ema", "dgst-split", "dgst-budget")
+SPARSE = ("random", "static", "dgst", "dgst-ema", "dgst-split", "dgst-budget")
+SHIFTS = ("B", "C")           # phantom site adapted to: B (scanner + contrast), C (the harder shift)
+TUNE_POOL_SEED = 7000         # + j: the held-out training-site cases learning rates are tuned on
+VALIDATION_SEED = 4000        # + i: held-out training-site phantoms that score each tuning run
 SITE_B_POOL_SEED = 2000       # + 100 * seed + j: the site-B cases seed `seed` adapts on
 SITE_B_POOL_STRIDE = 100
 SITE_B_TEST_SEED = 3000       # unseen site-B test phantoms (the same for every run)
@@ -52,7 +57,11 @@ CONFIG_FILE = "config.json"
 TABLE_FILE = "results.md"
 RESULTS_FILE = "results.json"
 FIGURE_FILE = "bench_adapt.png"
-PHANTOM_TARGET, STS_TARGET = "siteB", "sts"
+PHANTOM_TARGET, STS_TARGET = "siteB", "sts"   # PHANTOM_TARGET: the default shift's name
+
+
+def phantom_target(shift: str) -> str:
+    return f"site{shift}"
 
 Say = Callable[[str], None]
 
@@ -79,6 +88,12 @@ class BenchConfig:
     crop_zyx: tuple[int, int, int] | None = None   # centre-crop every image (smoke runs only)
     device: str = "cpu"
     run_timeout_s: float = 1800.0
+    shift: str = "B"                     # phantom site to adapt to (SHIFTS)
+    selection_only: bool = False         # sparse methods: freeze norms, biases and head
+    attribution: bool = False            # sparse methods: Dice with conv / always-trained changes undone
+    tune_lrs: tuple[float, ...] = ()     # per method, pick the best of these on validation phantoms
+    tune_shots: int = 3                  # training-site cases each tuning run adapts on
+    validation_cases: int = 2            # held-out training-site phantoms scoring a tuning run
 
     def validate(self) -> "BenchConfig":
         unknown = [m for m in self.methods if m not in METHODS]
@@ -96,9 +111,20 @@ class BenchConfig:
             raise UserInputError(f"STS: 1 to {len(STS_TRAIN)} training and test cases")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise UserInputError("--lr must be positive")
+        if self.shift not in SHIFTS:
+            raise UserInputError(f"--shift: choose one of {', '.join(SHIFTS)}, not {self.shift!r}")
+        if any(lr <= 0 for lr in self.tune_lrs):
+            raise UserInputError("--tune-lr: learning rates must be positive")
+        if self.tune_shots < 1 or self.validation_cases < 1:
+            raise UserInputError("tuning needs at least one training and one validation case")
+        if self.selection_only and not any(m in SPARSE for m in self.methods):
+            raise UserInputError(f"--selection-only needs a sparse method among --methods ({', '.join(SPARSE)})")
         return self
 
     def learning_rate_wording(self) -> str:
+        if self.tune_lrs:
+            return ("per method, the best of " + ", ".join(f"{lr:g}" for lr in self.tune_lrs)
+                    + f" on {self.validation_cases} held-out site-{self.shift} validation phantoms")
         if self.learning_rate is None:
             return "each method's authors' rate"
         return f"{self.learning_rate:g} for every method"
@@ -138,6 +164,7 @@ class RunSpec:
     work: str
     result_path: str
     device: str = "cpu"
+    attribution: bool = False        # also Dice with conv / always-trained changes undone
 
 
 @dataclass
@@ -220,32 +247,80 @@ def crop_case(case: CaseFile, folder: Path, crop_zyx) -> CaseFile:
 # --------------------------------------------------------------------------------------------
 # Planning
 
+def run_settings(config: BenchConfig, method: str, seed: int, learning_rate: float | None) -> dict:
+    """FineTuneSettings fields of one run (selection-only applies to the sparse methods)."""
+    return {"method": method, "gamma": config.gamma, "iterations": config.iterations,
+            "iterations_per_epoch": config.iterations, "val_iterations_per_epoch": 1,
+            "learning_rate": learning_rate, "seed": seed,
+            "selection_only": config.selection_only and method in SPARSE}
+
+
+def run_suffix(config: BenchConfig, method: str) -> str:
+    """Run-id infix naming the shift (when not B) and selection-only."""
+    return ((f"-site{config.shift}" if config.shift != "B" else "")
+            + ("-sel" if config.selection_only and method in SPARSE else ""))
+
+
+def plan_tuning(config: BenchConfig, foundation: Path, work: Path) -> list[RunSpec]:
+    """One run per (adapting method, learning rate): adapt on held-out training-site cases
+    (TUNE_POOL_SEED ..), score on validation phantoms (VALIDATION_SEED ..), never on test cases."""
+    phantoms = work / "phantoms"
+    train = [write_phantom_case(phantoms, config.shift, TUNE_POOL_SEED + j, config.crop_zyx)
+             for j in range(config.tune_shots)]
+    validation = [write_phantom_case(phantoms, config.shift, VALIDATION_SEED + i, config.crop_zyx)
+                  for i in range(config.validation_cases)]
+    specs = []
+    for method in config.adapting_methods:
+        for lr in config.tune_lrs:
+            run_id = f"tune{run_suffix(config, method)}-{method}-lr{lr:g}"
+            specs.append(RunSpec(run_id, "tune", method, config.tune_shots, 0, str(foundation), train,
+                                 {"validation": validation}, run_settings(config, method, 0, lr),
+                                 str(work / "runs" / run_id), str(work / "runs" / f"{run_id}.result.json"),
+                                 config.device))
+    return specs
+
+
+def chosen_learning_rates(rows: list[dict]) -> dict[str, float]:
+    """Per method, the tuning learning rate with the best mean validation Dice (ties: smaller lr)."""
+    best: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        if row.get("part") != "tune" or row.get("status") != "ok":
+            continue
+        score, lr = row["dice_mean"]["validation"], row["learning_rate"]
+        current = best.get(row["method"])
+        if current is None or score > current[0] or (score == current[0] and lr < current[1]):
+            best[row["method"]] = (score, lr)
+    return {method: lr for method, (_, lr) in best.items()}
+
+
 def plan_runs(config: BenchConfig, foundation: Path, work: Path,
-              sts: tuple[list[CaseFile], list[CaseFile]] | None, say: Say) -> list[RunSpec]:
+              sts: tuple[list[CaseFile], list[CaseFile]] | None, say: Say,
+              learning_rates: dict[str, float] | None = None) -> list[RunSpec]:
     """Every run, in an order that leaves every part measured if the benchmark is cut short:
-    the unadapted baselines, all of seed 0, the real-label part, then the other seeds."""
+    the unadapted baselines, all of seed 0, the real-label part, then the other seeds.
+    `learning_rates` (from tuning) overrides the configured rate per method."""
     phantoms = work / "phantoms"
     say(f"writing phantoms to {phantoms}")
-    site_b_tests = [write_phantom_case(phantoms, "B", SITE_B_TEST_SEED + i, config.crop_zyx)
+    shift = config.shift
+    site_b_tests = [write_phantom_case(phantoms, shift, SITE_B_TEST_SEED + i, config.crop_zyx)
                     for i in range(config.site_b_tests)]
     site_a_tests = [write_phantom_case(phantoms, "A", SITE_A_TEST_SEED + i, config.crop_zyx)
                     for i in range(config.site_a_tests)]
     seeds = range(config.seeds) if config.phantoms else range(0)
-    pools = {seed: [write_phantom_case(phantoms, "B", SITE_B_POOL_SEED + SITE_B_POOL_STRIDE * seed + j,
+    pools = {seed: [write_phantom_case(phantoms, shift, SITE_B_POOL_SEED + SITE_B_POOL_STRIDE * seed + j,
                                        config.crop_zyx) for j in range(max(config.shots))]
              for seed in seeds}
+    learning_rates = learning_rates or {}
 
     def spec(part: str, method: str, shots: int, seed: int, train: list[CaseFile],
              evaluate: dict[str, list[CaseFile]]) -> RunSpec:
-        run_id = f"{part}-{method}-k{shots}-s{seed}"
-        settings = {"method": method, "gamma": config.gamma, "iterations": config.iterations,
-                    "iterations_per_epoch": config.iterations, "val_iterations_per_epoch": 1,
-                    "learning_rate": config.learning_rate, "seed": seed}
+        run_id = f"{part}{run_suffix(config, method)}-{method}-k{shots}-s{seed}"
+        settings = run_settings(config, method, seed, learning_rates.get(method, config.learning_rate))
         return RunSpec(run_id, part, method, shots, seed, str(foundation), train, evaluate, settings,
                        str(work / "runs" / run_id), str(work / "runs" / f"{run_id}.result.json"),
-                       config.device)
+                       config.device, attribution=config.attribution and method in SPARSE)
 
-    phantom_eval = {PHANTOM_TARGET: site_b_tests, "siteA": site_a_tests}
+    phantom_eval = {phantom_target(shift): site_b_tests, "siteA": site_a_tests}
     sts_eval = {STS_TARGET: sts[1], "siteA": site_a_tests} if sts else {}
     baselines, seed_runs, sts_runs = [], {seed: [] for seed in range(config.seeds)}, []
     if "none" in config.methods:
@@ -288,8 +363,12 @@ def execute_run(spec: RunSpec) -> dict:
     from LymphNodeDGSTLib.adaptation.nnunet_dataset import TrainingCase, prepare_dataset
     from LymphNodeDGSTLib.adaptation.trainer import FineTuneSettings, fine_tune
 
+    from LymphNodeDGSTLib.adaptation.weight_attribution import (ALWAYS_TRAINED_PARTS, change_shares,
+                                                                with_parts_reset)
+
     device = choose_device(spec.device)
     foundation, work = Path(spec.foundation), Path(spec.work)
+    attribution_folders: dict[str, Path] = {}
     row: dict = {"run_id": spec.run_id, "part": spec.part, "method": spec.method, "shots": spec.shots,
                  "seed": spec.seed, "train_cases": [c.case_id for c in spec.train], "device": str(device),
                  "seconds": 0.0, "seconds_per_iteration": None, "peak_rss_mb": None,
@@ -314,8 +393,23 @@ def execute_run(spec: RunSpec) -> dict:
         row.update(seconds=round(result.seconds, 2), seconds_per_iteration=round(result.seconds / settings.iterations, 3),
                    weights_changed_share=result.weight_change["total"]["share"],
                    entries_updated_per_step_mean=result.step_summary.get("entries_updated_per_step_mean"),
-                   learning_rate=settings.lr, iterations=settings.iterations)
+                   learning_rate=settings.lr, iterations=settings.iterations,
+                   selection_only=settings.selection_only,
+                   reselection_rate=result.step_summary.get("sparse_reselection_rate"),
+                   picks_per_entry=result.step_summary.get("sparse_picks_per_entry"))
         model_folder = result.results_folder
+        adapted = torch.load(model_folder / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                             weights_only=False)
+        row["change_share"] = change_shares(checkpoint["network_weights"], adapted["network_weights"])
+        if spec.attribution:
+            variants = {"conv_reset": ("conv",), "always_reset": ALWAYS_TRAINED_PARTS}
+            for name, parts in variants.items():
+                folder = work / name
+                shutil.copytree(model_folder, folder, dirs_exist_ok=True)
+                torch.save({**adapted, "network_weights": with_parts_reset(
+                    checkpoint["network_weights"], adapted["network_weights"], parts)},
+                    folder / "fold_0" / "checkpoint_final.pth")
+                attribution_folders[name] = folder
 
     started = time.perf_counter()
     segmenter = Segmenter.for_results_folder(model_folder, device=str(device), name="bench")
@@ -326,6 +420,12 @@ def execute_run(spec: RunSpec) -> dict:
             label = segmenter.segment(sitk.ReadImage(case.image), fast=True).label
             scores.append(round(image_dice(label, sitk.ReadImage(case.label)), 4))
         row["dice"][name] = scores
+    target = next(iter(spec.evaluate))   # the first evaluation set is the run's target
+    for name, folder in attribution_folders.items():
+        variant = Segmenter.for_results_folder(folder, device=str(device), name=f"bench-{name}")
+        row["dice"][f"{target}_{name}"] = [
+            round(image_dice(variant.segment(sitk.ReadImage(case.image), fast=True).label,
+                             sitk.ReadImage(case.label)), 4) for case in spec.evaluate[target]]
     row["eval_seconds"] = round(time.perf_counter() - started, 2)
     row["dice_mean"] = {name: float(np.mean(scores)) for name, scores in row["dice"].items()}
     return row
@@ -346,7 +446,7 @@ def run_in_child(spec: RunSpec, timeout_s: float) -> dict:
     work = Path(spec.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    spec_path, log_path, result_path = work / "spec.json", work.with_suffix(".log"), Path(spec.result_path)
+    spec_path, log_path, result_path = work / "spec.json", work.parent / f"{work.name}.log", Path(spec.result_path)
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(asdict(spec), indent=1))
     environment = dict(os.environ, nnUNet_n_proc_DA="0", PYTHONUNBUFFERED="1")
@@ -419,12 +519,30 @@ def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: 
                 f"testing on {', '.join(c.case_id for c in sts[1])}")
     else:
         sts_skipped = "real-label part skipped (--skip-sts)"
-    plan = plan_runs(config, foundation, work, sts, say)
-
     done = {row["run_id"]: row for row in read_rows(runs_path) if row.get("status") == "ok"} if resume else {}
+    tuning_rows: list[dict] = []
+    learning_rates = None
+    if config.tune_lrs and config.phantoms:
+        tuning = plan_tuning(config, foundation, work)
+        say(f"tuning: {len(tuning)} runs on held-out site-{config.shift} cases")
+        tuning_rows = _run_specs(tuning, done, config, runs_path, started, say)
+        learning_rates = chosen_learning_rates(tuning_rows)
+        say("chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in learning_rates.items()))
+    plan = plan_runs(config, foundation, work, sts, say, learning_rates)
+    rows = tuning_rows + _run_specs(plan, done, config, runs_path, started, say)
+
+    outputs = write_reports(rows, config, output, sts_skipped, learning_rates)
+    say(f"wrote {outputs.table}, {outputs.results}" + (f", {outputs.figure}" if outputs.figure else "")
+        + f" ({_minutes(time.perf_counter() - started)} in all)")
+    return outputs
+
+
+def _run_specs(plan: list[RunSpec], done: dict[str, dict], config: BenchConfig, runs_path: Path,
+               started: float, say: Say) -> list[dict]:
+    """Run what is not already done; every row in plan order (done ones reused)."""
     rows = [done[spec.run_id] for spec in plan if spec.run_id in done]
     todo = [spec for spec in plan if spec.run_id not in done]
-    say(f"{len(plan)} runs ({len(done)} already measured), {config.iterations} iterations each, "
+    say(f"{len(plan)} runs ({len(plan) - len(todo)} already measured), {config.iterations} iterations each, "
         f"learning rate {config.learning_rate_wording()}, "
         f"device {config.device}; rows go to {runs_path}")
     measured_seconds: list[float] = []
@@ -439,11 +557,7 @@ def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: 
         eta = remaining * float(np.mean(measured_seconds)) if measured_seconds else 0.0
         say(f"[{index}/{len(todo)}] {describe_row(row)} | elapsed {_minutes(time.perf_counter() - started)}, "
             f"about {_minutes(eta)} left")
-
-    outputs = write_reports(rows, config, output, sts_skipped)
-    say(f"wrote {outputs.table}, {outputs.results}" + (f", {outputs.figure}" if outputs.figure else "")
-        + f" ({_minutes(time.perf_counter() - started)} in all)")
-    return outputs
+    return rows
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -533,8 +647,88 @@ def _cell(column: str, value) -> str:
     return str(value)
 
 
-def write_reports(rows: list[dict], config: BenchConfig, output: Path, sts_skipped: str | None) -> BenchOutputs:
-    phantom = summarise(rows, "phantom", PHANTOM_TARGET)
+PAIRED_REFERENCES = ("norm", "random", "dgst")
+
+
+def paired_table(rows: list[dict], part: str, target: str) -> str:
+    """Per adapting method and shot count: paired Dice differences against norm, random and dgst
+    (mean [95 % interval] over seeds x test cases), and the site-A Dice kept relative to none."""
+    from LymphNodeDGSTLib.demo.bench_paired import format_interval, mean_interval, paired_differences
+
+    ok = [r for r in rows if r.get("part") == part and r.get("status") == "ok"]
+    baseline = [r["dice_mean"]["siteA"] for r in ok if r["method"] == "none" and "siteA" in r["dice_mean"]]
+    present = {r["method"] for r in ok}
+    references = [m for m in PAIRED_REFERENCES if m in present]
+    lines = ["| method | shots | pairs | " + " | ".join(f"vs {m}" for m in references) + " | siteA kept |",
+             "|---|---|---|" + "---|" * len(references) + "---|"]
+    for shots in sorted({r["shots"] for r in ok if r["method"] != "none"}):
+        for method in [m for m in METHODS if m in present and m != "none"]:
+            group = [r for r in ok if r["method"] == method and r["shots"] == shots]
+            if not group:
+                continue
+            cells = []
+            pairs = 0
+            for reference in references:
+                differences = [] if reference == method else paired_differences(ok, part, target, method,
+                                                                                 reference, shots)
+                pairs = max(pairs, len(differences))
+                cells.append(format_interval(*mean_interval(differences)) if differences else "-")
+            kept = (float(np.mean([r["dice_mean"]["siteA"] for r in group])) / baseline[0]
+                    if baseline and baseline[0] > 0 else float("nan"))
+            lines.append(f"| {method} | {shots} | {pairs} | " + " | ".join(cells)
+                         + f" | {'-' if math.isnan(kept) else f'{100 * kept:.1f} %'} |")
+    return "\n".join(lines)
+
+
+def attribution_table(rows: list[dict], part: str, target: str) -> str:
+    """Per sparse method and shots (means over runs): Dice, Dice with the convolution changes
+    undone, with the always-trained changes undone; share of the squared weight change per part;
+    re-selection rate and picks per entry."""
+    from LymphNodeDGSTLib.adaptation.weight_attribution import PARTS
+
+    ok = [r for r in rows if r.get("part") == part and r.get("status") == "ok" and r.get("change_share")]
+    lines = ["| method | shots | runs | Dice | conv undone | always-trained undone | "
+             + " | ".join(f"{p} share" for p in PARTS) + " | re-selected | picks/entry |",
+             "|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|"]
+
+    def mean_of(values) -> str:
+        values = [v for v in values if v is not None]
+        return f"{np.mean(values):.3f}" if values else "-"
+
+    for shots in sorted({r["shots"] for r in ok}):
+        for method in [m for m in METHODS if m in SPARSE]:
+            group = [r for r in ok if r["method"] == method and r["shots"] == shots]
+            if not group:
+                continue
+            cells = [mean_of(r["dice_mean"].get(target) for r in group),
+                     mean_of(r["dice_mean"].get(f"{target}_conv_reset") for r in group),
+                     mean_of(r["dice_mean"].get(f"{target}_always_reset") for r in group)]
+            cells += [f"{100 * np.mean([r['change_share'][p] for r in group]):.1f} %" for p in PARTS]
+            cells += [mean_of(r.get("reselection_rate") for r in group),
+                      mean_of(r.get("picks_per_entry") for r in group)]
+            lines.append(f"| {method} | {shots} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tuning_table(rows: list[dict], chosen: dict[str, float]) -> str:
+    """Validation Dice per method (rows) and learning rate (columns); the chosen rate in bold."""
+    tune = [r for r in rows if r.get("part") == "tune" and r.get("status") == "ok"]
+    rates = sorted({r["learning_rate"] for r in tune})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    for method in [m for m in METHODS if any(r["method"] == m for r in tune)]:
+        cells = []
+        for lr in rates:
+            found = [r["dice_mean"]["validation"] for r in tune if r["method"] == method and r["learning_rate"] == lr]
+            text = f"{found[0]:.3f}" if found else "-"
+            cells.append(f"**{text}**" if chosen.get(method) == lr else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_reports(rows: list[dict], config: BenchConfig, output: Path, sts_skipped: str | None,
+                  learning_rates: dict[str, float] | None = None) -> BenchOutputs:
+    target = phantom_target(config.shift)
+    phantom = summarise(rows, "phantom", target)
     sts = summarise(rows, "sts", STS_TARGET)
     failed = [row["run_id"] for row in rows if row.get("status") != "ok"]
     run_seconds = sum(row.get("process_seconds") or 0.0 for row in rows)
@@ -549,12 +743,29 @@ def write_reports(rows: list[dict], config: BenchConfig, output: Path, sts_skipp
         f"Run time: {len(rows)} run{'' if len(rows) == 1 else 's'}, {_minutes(run_seconds)} in all "
         "(sum over the runs' processes, setup excluded).",
         "",
-        f"## Phantoms: site-A demo model adapted to site B ({config.site_b_tests} site-B and "
-        f"{config.site_a_tests} site-A test phantoms)",
+        f"## Phantoms: site-A demo model adapted to site {config.shift} ({config.site_b_tests} site-{config.shift} "
+        f"and {config.site_a_tests} site-A test phantoms)"
+        + ("; sparse methods selection-only (norms, biases and head frozen)" if config.selection_only else ""),
         "",
-        markdown_table(phantom, PHANTOM_TARGET) if phantom
+        markdown_table(phantom, target) if phantom
         else ("phantom part skipped (--skip-phantoms)" if not config.phantoms else "(no phantom runs)"),
         "",
+    ]
+    if learning_rates is not None:
+        text += ["### Learning rates chosen on held-out training-site cases",
+                 "", f"Each method adapted on site-{config.shift} phantoms {TUNE_POOL_SEED}.. "
+                 f"({config.tune_shots} cases) and was scored on validation phantoms {VALIDATION_SEED}.. "
+                 f"({config.validation_cases}); never on the test phantoms.", "",
+                 tuning_table(rows, learning_rates), ""]
+    if phantom:
+        text += ["### Paired differences in site-" + config.shift + " test Dice",
+                 "", "Mean [95 % t-interval] of Dice(method) - Dice(reference) over (seed, test case) pairs; "
+                 "siteA kept: mean site-A Dice relative to the unadapted model.", "",
+                 paired_table(rows, "phantom", target), ""]
+        if any(r.get("change_share") for r in rows if r.get("part") == "phantom"):
+            text += ["### Attribution and selection persistence (sparse methods)", "",
+                     attribution_table(rows, "phantom", target), ""]
+    text += [
         "## Real labels: soft-tissue sarcoma CT (adapt on "
         + (", ".join(STS_TRAIN[:config.sts_train_cases]) + "; test on " + ", ".join(STS_TEST[:config.sts_test_cases]) + ")"),
         "",
@@ -570,11 +781,11 @@ def write_reports(rows: list[dict], config: BenchConfig, output: Path, sts_skipp
         text += ["", f"Failed runs (left out): {', '.join(failed)}"]
     table = output / TABLE_FILE
     table.write_text("\n".join(text) + "\n")
-    figure = write_figure(phantom, sts, output / FIGURE_FILE) if phantom or sts else None
+    figure = write_figure(phantom, sts, output / FIGURE_FILE, target) if phantom or sts else None
     results = output / RESULTS_FILE
     results.write_text(json.dumps({"config": asdict(config), "machine": machine_description(config.device),
                                    "phantom": phantom, "sts": sts, "sts_skipped": sts_skipped,
-                                   "failed": failed}, indent=1))
+                                   "learning_rates": learning_rates, "failed": failed}, indent=1))
     return BenchOutputs(output, rows, table, figure, results, sts_skipped, failed)
 
 
@@ -589,10 +800,11 @@ def machine_description(device: str) -> str:
 
 
 METHOD_COLOURS = {"none": "#777777", "full": "#1f77b4", "bias": "#ff7f0e", "norm": "#2ca02c",
-                  "lora": "#9467bd", "random": "#8c564b", "static": "#e377c2", "dgst": "#d62728"}
+                  "lora": "#9467bd", "random": "#8c564b", "static": "#e377c2", "dgst": "#d62728",
+                  "dgst-ema": "#17becf", "dgst-split": "#bcbd22", "dgst-budget": "#7f7f7f"}
 
 
-def write_figure(phantom: list[dict], sts: list[dict], path: Path) -> Path:
+def write_figure(phantom: list[dict], sts: list[dict], path: Path, target: str = PHANTOM_TARGET) -> Path:
     """Site-B Dice (error bars: spread over seeds) and site-A Dice retained against shots, per
     method; STS Dice per method."""
     import matplotlib
@@ -603,10 +815,10 @@ def write_figure(phantom: list[dict], sts: list[dict], path: Path) -> Path:
     figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), dpi=110, squeeze=False)
     axes = list(axes[0])
     if phantom:
-        site_b = f"dice_{PHANTOM_TARGET}_mean"
-        for axis, column, title in ((axes[0], site_b, "held-out site-B phantoms"),
+        site_b = f"dice_{target}_mean"
+        for axis, column, title in ((axes[0], site_b, f"held-out {target} phantoms"),
                                     (axes[1], "dice_siteA_mean", "site-A phantoms (retained)")):
-            _plot_against_shots(axis, phantom, column, with_spread=column == site_b)
+            _plot_against_shots(axis, phantom, column, with_spread=column == site_b, target=target)
             axis.set_title(title, fontsize=10)
         axes[0].legend(fontsize=8, loc="best")
     if sts:
@@ -617,7 +829,8 @@ def write_figure(phantom: list[dict], sts: list[dict], path: Path) -> Path:
     return path
 
 
-def _plot_against_shots(axis, summary: list[dict], column: str, with_spread: bool) -> None:
+def _plot_against_shots(axis, summary: list[dict], column: str, with_spread: bool,
+                        target: str = PHANTOM_TARGET) -> None:
     for method in METHODS:
         points = [r for r in summary if r["method"] == method]
         if not points:
@@ -627,7 +840,7 @@ def _plot_against_shots(axis, summary: list[dict], column: str, with_spread: boo
             axis.axhline(points[0][column], linestyle="--", **style)
             continue
         offset = 0.06 * (METHODS.index(method) - len(METHODS) / 2)  # keeps error bars apart
-        spread = [r[f"dice_{PHANTOM_TARGET}_std"] if with_spread else 0.0 for r in points]
+        spread = [r[f"dice_{target}_std"] if with_spread else 0.0 for r in points]
         axis.errorbar([r["shots"] + offset for r in points], [r[column] for r in points],
                       yerr=[0.0 if math.isnan(value) else value for value in spread],
                       marker="o", capsize=3, **style)

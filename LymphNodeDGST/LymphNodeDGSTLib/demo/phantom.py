@@ -96,12 +96,13 @@ class SiteProfile:
     node_hu_range: tuple[float, float]
     necrosis_probability: float  # chance that a node of >= 10 mm has a necrotic centre
     necrosis_hu_range: tuple[float, float]
+    necrosis_scale_range: tuple[float, float] = (0.4, 0.65)  # centre = node ellipsoid x this
 
     def __post_init__(self) -> None:
         if self.z_supersampling < 1 or self.z_supersampling % 2 == 0:
             raise ValueError("z_supersampling must be a positive odd number")
         for name in ("node_count_range", "node_long_axis_range_mm", "node_hu_range",
-                     "necrosis_hu_range", "node_short_to_long_ratio_range"):
+                     "necrosis_hu_range", "node_short_to_long_ratio_range", "necrosis_scale_range"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: low {low} > high {high}")
@@ -162,6 +163,34 @@ SITE_PROFILES: dict[str, SiteProfile] = {
         node_hu_range=(35.0, 60.0),
         necrosis_probability=0.35,
         necrosis_hu_range=(0.0, 20.0),
+    ),
+    # The harder shift (issue 15): site B's scanner, but nodes whose pattern no per-channel affine
+    # of the features can map onto site A's: every node is rim-enhancing (a bright wall above
+    # muscle HU around a fluid centre), so node-vs-muscle contrast is inverted and a solid blob
+    # becomes a ring; nodes are also flatter (short/long 0.3-0.5).
+    "C": SiteProfile(
+        name="C",
+        description="site B's contrast-enhanced scanner; every node rim-enhancing (bright wall "
+        "120-160 HU around a 5-20 HU fluid centre), flat nodes",
+        shape_xyz=(128, 128, 80),
+        spacing_xy_mm=1.1,
+        slice_thickness_mm=1.25,
+        z_supersampling=1,
+        kernel_sigma_mm=0.35,
+        noise_std_hu=18.0,
+        hu_offset=15.0,
+        contrast_enhanced=True,
+        artery_hu=260.0,
+        vein_hu=180.0,
+        muscle_hu=60.0,
+        thyroid_hu=160.0,
+        node_count_range=(3, 12),
+        node_long_axis_range_mm=(10.0, 30.0),
+        node_short_to_long_ratio_range=(0.3, 0.5),
+        node_hu_range=(120.0, 160.0),
+        necrosis_probability=1.0,
+        necrosis_hu_range=(5.0, 20.0),
+        necrosis_scale_range=(0.6, 0.8),
     ),
 }
 
@@ -687,7 +716,7 @@ def _try_node(rng: np.random.Generator, profile: SiteProfile, grid: _Grid, anato
     core = np.zeros_like(mask)
     if long_axis >= NECROSIS_MIN_LONG_AXIS_MM and rng.uniform() < profile.necrosis_probability:
         truth.necrotic = True
-        truth.necrosis_scale = float(rng.uniform(0.4, 0.65))
+        truth.necrosis_scale = float(rng.uniform(*profile.necrosis_scale_range))
         core = truth.contains(points, scale=truth.necrosis_scale)
     truth.label_voxels = int(out_mask.sum())
     _dilate_into(near_nodes, out_region, out_mask)

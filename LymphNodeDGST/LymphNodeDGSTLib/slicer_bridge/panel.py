@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS  # noqa: F401  (re-exported for the GUI)
+from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_METHOD  # noqa: F401
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home, resolve_home
 from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
@@ -660,7 +661,7 @@ def save_case_from_segmentation(library, volume_node, segmentation_node,
 
 
 # --------------------------------------------------------------------------- adaptation
-def adapt_request(model: str | None = None, method: str = "dgst", gamma: int = 2,
+def adapt_request(model: str | None = None, method: str = ADAPT_DEFAULT_METHOD, gamma: int = 2,
                   iterations: int = 250, device: str = "auto", **advanced: Any):
     """An AdaptRequest with the module's defaults. It is never activated by the job itself
     (activation "never"): the user chooses afterwards, seeing the before/after Dice."""
