@@ -23,6 +23,7 @@ from slicer.util import VTKObservationMixin
 from LymphNodeDGSTLib.slicer_bridge import dependencies
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.slicer_bridge.panel import BACKEND_CHOICES
 from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
                                     MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
                                     JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
@@ -66,6 +67,7 @@ class LymphNodeDGSTParameterNode:
     gamma: Annotated[int, WithinRange(1, 64)] = 2
     iterations: Annotated[int, WithinRange(1, 100000)] = 250
     adaptDevice: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "auto"
 
 
 class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -317,7 +319,8 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.cancelJob()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            job, files = self.logic.startSegmentation(p.inputVolume, self.selectedModel(), p.device, p.fast)
+            job, files = self.logic.startSegmentation(p.inputVolume, self.selectedModel(), p.device, p.fast,
+                                                      backend=p.backend)
             self.follow("segment", job.id, {"files": files, "volume": p.inputVolume})
 
     def showSegmentation(self, context, result):
@@ -504,7 +507,7 @@ class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
     def segmentEditorNode(self):
         return segment_editor_node(slicer.mrmlScene)
 
-    def startSegmentation(self, volumeNode, model=None, device="auto", fast=False):
+    def startSegmentation(self, volumeNode, model=None, device="auto", fast=False, backend="auto"):
         """Write the CT for a background segmentation job and start it: (JobInfo, files)."""
         if volumeNode is None:
             raise UserInputError("Select the CT volume to segment.")
@@ -512,7 +515,7 @@ class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
         try:
             write_segmentation_input(volumeNode, files)
             return submit_segmentation(self.jobs, self.home, files, model, device, fast,
-                                       python=worker_python()), files
+                                       python=worker_python(), backend=backend), files
         except Exception:
             files.remove()
             raise
