@@ -146,6 +146,7 @@ def test_missing_package_falls_back_to_torch_with_one_line(installed_home, monke
     assert not (store.resolve("tiny").path / CACHE_DIR).exists()
 
 
+@pytest.mark.skipif("openvino" not in CONVERTED, reason="openvino is not installed")
 def test_failing_conversion_falls_back_and_leaves_no_partial_cache(installed_home, monkeypatch):
     """A converter that dies half-way: torch runs, the reason is given, and the cache holds no
     half-written entry. Mutation caught: store_conversion without its cleanup (a '.tmp-' folder
@@ -158,9 +159,9 @@ def test_failing_conversion_falls_back_and_leaves_no_partial_cache(installed_hom
 
     monkeypatch.setattr(backends, "convert", broken)
     store = ModelStore(installed_home / "models")
-    _, result = labels(Segmenter(store, device="cpu", backend="onnxruntime"), make_ct())
+    _, result = labels(Segmenter(store, device="cpu", backend="openvino"), make_ct())
     assert result.backend == "torch"
-    assert result.backend_note == "onnxruntime unavailable (converter crashed); using torch"
+    assert result.backend_note == "openvino unavailable (converter crashed); using torch"
     cache = store.resolve("tiny").path / CACHE_DIR
     assert list(cache.iterdir()) == []
 

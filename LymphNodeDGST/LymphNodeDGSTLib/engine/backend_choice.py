@@ -3,12 +3,14 @@
 An explicit backend is converted now if needed (the user asked for it; in Slicer this happens in
 the segment job's worker, never in the panel). `auto` uses a cached conversion when the version
 has one; otherwise this run uses torch while a background process converts the version for the
-next run (backend_prepare.py). Anything that keeps a backend from running means torch, with a
+next run (backend_prepare.py; started by `start_pending_conversion` once this segmentation
+has succeeded, so a failed run leaves the store untouched). Anything that keeps a backend from running means torch, with a
 one-line reason; nothing here raises for an optional backend.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -48,11 +50,8 @@ def attach_backend(predictor, requested: str, device: torch.device, checkpoints:
             if failure:
                 return BackendChoice(requested, "torch",
                                      f"{backend} conversion failed earlier ({failure}); using torch")
-            started = start_background_conversion(cache_in, backend)
-            return BackendChoice(requested, "torch",
-                                 f"{backend}: converting this model version in the background; this "
-                                 "run uses torch" if started else
-                                 f"{backend}: could not start the conversion; using torch")
+            return BackendChoice(requested, "torch", f"{backend}: this model version is converted in "
+                                 "the background after this run, which uses torch", convert_later=backend)
     try:
         predictor.network = build_backend_network(backend, network, list(predictor.list_of_parameters),
                                                   list(checkpoints), cache_in, shape, progress)
@@ -61,3 +60,11 @@ def attach_backend(predictor, requested: str, device: torch.device, checkpoints:
         network.load_state_dict(predictor.list_of_parameters[0])
         return BackendChoice(requested, "torch", f"{backend} unavailable ({_one_line(error)}); using torch")
     return choice
+
+
+def start_pending_conversion(choice: BackendChoice, cache_in: Path | None) -> BackendChoice:
+    """After a successful run that `auto` ran with torch: convert the version in the background
+    (once); returns the choice without the pending conversion."""
+    if choice.convert_later and cache_in is not None:
+        start_background_conversion(cache_in, choice.convert_later)
+    return replace(choice, convert_later=None)

@@ -41,6 +41,7 @@ class BackendChoice:
     requested: str
     used: str
     reason: str | None = None
+    convert_later: str | None = None  # a backend to convert in the background after this run
 
 
 def check_backend_name(name: str | None) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from LymphNodeDGSTLib.engine.backend_choice import attach_backend
+from LymphNodeDGSTLib.engine.backend_choice import attach_backend, start_pending_conversion
 from LymphNodeDGSTLib.engine.backends import BackendChoice, check_backend_name
 from LymphNodeDGSTLib.engine.bodycrop import BodyBox, find_body_box
 from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
@@ -159,6 +159,8 @@ class Segmenter:
                               "or --device cpu") from None
         finally:
             predictor.progress = predictor.cancel_event = None
+        self.backend_choice = start_pending_conversion(self.backend_choice,
+                                                       version.path if version.version > 0 else None)
         return label, body_fraction
 
     def _predict(self, predictor, array_zyx: np.ndarray, spacing_zyx: Sequence[float],
