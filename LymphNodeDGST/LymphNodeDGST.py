@@ -28,6 +28,7 @@ from LymphNodeDGSTLib.slicer_bridge.editor import EmbeddedSegmentEditor
 from LymphNodeDGSTLib.slicer_bridge.reporting import reported
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.slicer_bridge.panel import BACKEND_CHOICES
 from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_DEFAULT_METHOD, ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
                                     MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
                                     JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
@@ -75,6 +76,7 @@ class LymphNodeDGSTParameterNode:
     gamma: Annotated[int, WithinRange(1, 64)] = 2
     iterations: Annotated[int, WithinRange(1, 100000)] = 250
     adaptDevice: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
+    backend: Annotated[str, Choice(list(BACKEND_CHOICES))] = "auto"
 
 
 class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -358,19 +360,20 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.cancelJob()
         p = self._parameterNode
         with reported(_("Could not start the segmentation."), self.showError), slicer.util.WaitCursor():
-            job, files = self.logic.startSegmentation(p.inputVolume, self.selectedModel(), p.device, p.fast)
+            job, files = self.logic.startSegmentation(p.inputVolume, self.selectedModel(), p.device, p.fast,
+                                                      backend=p.backend)
             self.follow("segment", job.id, {"files": files, "volume": p.inputVolume})
 
     def onSegmentFolder(self):
         if self.machine.busy:
             return
-        inputDir = qt.QFileDialog.getExistingDirectory(self.parent, "Folder of CTs to segment")
+        inputDir = qt.QFileDialog.getExistingDirectory(self.parent, _("Folder of CTs to segment"))
         outputDir = inputDir and qt.QFileDialog.getExistingDirectory(
-            self.parent, "Folder for the labels, node reports and cohort table (outside the CT folder)")
+            self.parent, _("Folder for the labels, node reports and cohort table (outside the CT folder)"))
         if not outputDir:
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not start the folder segmentation.", waitCursor=True):
+        with reported(_("Could not start the folder segmentation."), self.showError), slicer.util.WaitCursor():
             job = submit_folder_segmentation(self.logic.jobs, self.logic.home, inputDir, outputDir,
                                              self.selectedModel(), p.device, p.fast, python=worker_python())
             self.follow("segment", job.id, {"folder": outputDir})
@@ -566,7 +569,7 @@ class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
     def segmentEditorNode(self):
         return segment_editor_node(slicer.mrmlScene)
 
-    def startSegmentation(self, volumeNode, model=None, device="auto", fast=False):
+    def startSegmentation(self, volumeNode, model=None, device="auto", fast=False, backend="auto"):
         """Write the CT for a background segmentation job and start it: (JobInfo, files)."""
         if volumeNode is None:
             raise UserInputError("Select the CT volume to segment.")
@@ -574,7 +577,7 @@ class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
         try:
             write_segmentation_input(volumeNode, files)
             return submit_segmentation(self.jobs, self.home, files, model, device, fast,
-                                       python=worker_python()), files
+                                       python=worker_python(), backend=backend), files
         except Exception:
             files.remove()
             raise

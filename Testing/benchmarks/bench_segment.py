@@ -6,8 +6,12 @@ fresh process (peak RSS of that process), in one sitting so the ratios are compa
     stock      nnUNetPredictor.predict_single_npy_array on the whole image
     ours       Segmenter without the body crop (must never be slower than stock)
     ours+crop  Segmenter with the body crop (target: >= 1.5x faster than stock)
+    ours+crop/BACKEND  the same with a CPU inference backend (--backends openvino,...; the model is
+               converted into the store's cache before timing, the conversion is reported apart)
+Each variant runs --repeat times (fresh processes); the median time is reported.
 
     python Testing/benchmarks/bench_segment.py [--models tiny,default] [--modes fast,accurate]
+        [--backends openvino,onnxruntime,openvino-bf16,torch-bf16] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ if variant == "stock":
 else:
     from LymphNodeDGSTLib.engine.inference import Segmenter
     from LymphNodeDGSTLib.engine.models import ModelStore
-    segmenter = Segmenter(ModelStore(folder), device=device)
-    label = sitk.GetArrayFromImage(segmenter.segment(image, fast=fast, crop_body=variant == "ours+crop").label)
+    backend = variant.split("/")[1] if "/" in variant else "torch"
+    segmenter = Segmenter(ModelStore(folder), device=device, backend=backend)
+    result = segmenter.segment(image, fast=fast, crop_body=variant.startswith("ours+crop"))
+    assert result.backend == backend, result.backend_note
+    label = sitk.GetArrayFromImage(result.label)
 seconds = time.perf_counter() - started
 np.save(sys.argv[5], label.astype(np.uint8))
 gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
@@ -64,6 +71,20 @@ def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]
     return prepared
 
 
+def convert_for(store_root: Path, name: str, backend: str) -> float:
+    """Convert the installed model for `backend` into its version's cache; seconds taken."""
+    import time
+
+    from LymphNodeDGSTLib.engine.backend_prepare import prepare
+    from LymphNodeDGSTLib.engine.models import ModelStore
+
+    if backend.startswith("torch"):
+        return 0.0
+    started = time.perf_counter()
+    prepare(ModelStore(store_root).resolve(name).path, backend)
+    return time.perf_counter() - started
+
+
 def run_child(variant: str, folder: Path, fast: bool, out: Path, device: str) -> dict:
     env = dict(os.environ, nnUNet_def_n_proc=str(os.cpu_count() or 2), nnUNet_n_proc_DA="0")
     completed = subprocess.run([sys.executable, "-c", CHILD, variant, str(folder), str(CT),
@@ -79,6 +100,8 @@ def main() -> int:
     parser.add_argument("--models", default="tiny,default")
     parser.add_argument("--modes", default="fast,accurate")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backends", default="", help="CPU backends to add as ours+crop/BACKEND")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant (median reported)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not CT.exists():
@@ -92,20 +115,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as scratch:
         work = Path(scratch)
         models = prepare_models(work, args.models.split(","))
+        backends = [b for b in args.backends.split(",") if b]
+        variants = ["stock", "ours", "ours+crop"] + [f"ours+crop/{b}" for b in backends]
+        print(f"load average: {os.getloadavg()}", flush=True)
         for name, (folder, store_root) in models.items():
+            conversion = {b: round(convert_for(store_root, name, b), 1) for b in backends}
             for mode in args.modes.split(","):
                 fast = mode == "fast"
                 results = {}
-                for variant in ("stock", "ours", "ours+crop"):
+                for variant in variants:
                     target = folder if variant == "stock" else store_root
-                    results[variant] = run_child(variant, target, fast, work / f"{variant}.npy", args.device)
-                    results[variant]["label"] = np.load(work / f"{variant}.npy")
+                    out = work / f"{variant.replace('/', '-')}.npy"
+                    runs = [run_child(variant, target, fast, out, args.device) for _ in range(args.repeat)]
+                    results[variant] = {"seconds": float(np.median([r["seconds"] for r in runs])),
+                                        "all_seconds": [round(r["seconds"], 1) for r in runs],
+                                        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                                        "peak_gpu_mb": runs[0]["peak_gpu_mb"], "label": np.load(out)}
                 stock = results["stock"]
-                for variant in ("stock", "ours", "ours+crop"):
+                for variant in variants:
                     r = results[variant]
                     rows.append({
                         "model": name, "mode": mode, "variant": variant,
                         "device": args.device, "seconds": round(r["seconds"], 1),
+                        "runs_s": r["all_seconds"],
+                        "conversion_s": conversion.get(variant.partition("/")[2]),
+                        "dice_vs_ours_torch": round(dice(r["label"], results["ours+crop"]["label"]), 4)
+                        if variant.startswith("ours+crop") else None,
                         "peak_rss_mb": round(r["peak_rss_mb"]),
                         "peak_gpu_mb": None if r["peak_gpu_mb"] is None else round(r["peak_gpu_mb"]),
                         "speedup_vs_stock": round(stock["seconds"] / r["seconds"], 2),
@@ -115,8 +150,10 @@ def main() -> int:
                     })
                     print(json.dumps(rows[-1]), flush=True)
     print()
-    header = ["model", "mode", "device", "variant", "seconds", "peak_rss_mb", "peak_gpu_mb", "speedup_vs_stock",
-              "memory_vs_stock", "dice_vs_stock", "identical_to_stock"]
+    print(f"load average: {os.getloadavg()}")
+    header = ["model", "mode", "device", "variant", "seconds", "runs_s", "peak_rss_mb", "peak_gpu_mb",
+              "speedup_vs_stock", "memory_vs_stock", "dice_vs_stock", "dice_vs_ours_torch",
+              "identical_to_stock", "conversion_s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from LymphNodeDGSTLib.cli.options import add_device
+from LymphNodeDGSTLib.engine.backend_names import BACKEND_CHOICES
 from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError
 from LymphNodeDGSTLib.home import Home
 
@@ -23,6 +24,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_device(segment)
     segment.add_argument("--fast", action="store_true", help="no mirroring: faster, less accurate")
     segment.add_argument("--no-crop", action="store_true", help="run on the whole image, not the body")
+    segment.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                         help="CPU inference backend (default auto: OpenVINO f32 when installed, "
+                              "else torch; see docs/benchmarks.md)")
     segment.add_argument("--nodes", metavar="CSV", help="also write the per-node report")
     segment.add_argument("--min-volume", type=float, default=0.0,
                          help="node report: ignore components smaller than this (mm^3)")
@@ -47,14 +51,17 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     image = read_image(args.input, "input")
     store = ModelStore(home.models)
     store.resolve(args.model)  # fail on a bad model name before loading anything
-    segmenter = Segmenter(store, device=args.device, trust_checkpoint=args.trust_checkpoint)
+    segmenter = Segmenter(store, device=args.device, trust_checkpoint=args.trust_checkpoint,
+                          backend=args.backend)
     with TerminalProgress() as progress:
         result = segmenter.segment(image, model=args.model, fast=args.fast,
                                    crop_body=not args.no_crop, progress=progress)
     for warning in result.warnings:
         print(f"lndgst: warning: {warning}", file=sys.stderr)
+    if result.backend_note:
+        print(f"lndgst: backend: {result.backend_note}", file=sys.stderr)
     write_image_atomic(result.label, output)
-    print(f"wrote {output} ({result.model}, {result.device}, {result.seconds:.1f} s)")
+    print(f"wrote {output} ({result.model}, {result.device}, {result.backend}, {result.seconds:.1f} s)")
     if nodes_csv is not None:
         from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
         rows = node_report(result.label, image, min_volume_mm3=args.min_volume)

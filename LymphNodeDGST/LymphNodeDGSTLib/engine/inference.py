@@ -23,6 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from LymphNodeDGSTLib.engine.backend_choice import attach_backend, start_pending_conversion
+from LymphNodeDGSTLib.engine.backends import BackendChoice, check_backend_name
 from LymphNodeDGSTLib.engine.bodycrop import BodyBox, find_body_box
 from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.engine.devices import choose_device
@@ -43,6 +45,8 @@ class SegmentationResult:
     seconds: float
     body_fraction: float | None = None
     warnings: list[str] = field(default_factory=list)
+    backend: str = "torch"
+    backend_note: str | None = None  # why the backend differs from the one asked for
 
 
 @dataclass
@@ -100,20 +104,23 @@ class Segmenter:
     """
 
     def __init__(self, store: ModelStore | None, device: str = "auto", trust_checkpoint: bool = False,
-                 default_version: ModelVersion | None = None):
+                 default_version: ModelVersion | None = None, backend: str = "torch"):
         self.store = store
         self.default_version = default_version
         self.device = choose_device(device)
+        self.backend = check_backend_name(backend)
+        self.backend_choice = BackendChoice(self.backend, "torch")
         self.trust_checkpoint = trust_checkpoint
         self._predictor = None
         self._loaded: ModelVersion | None = None
 
     @classmethod
     def for_results_folder(cls, folder: str | os.PathLike, device: str = "auto",
-                           name: str = "unregistered") -> "Segmenter":
+                           name: str = "unregistered", backend: str = "torch") -> "Segmenter":
         """A segmenter for an nnU-Net results folder outside any model store (a model being
         trained or benchmarked); `segment(..., model=None)` uses it."""
-        return cls(None, device=device, default_version=ModelVersion(name, 0, Path(folder), {}))
+        return cls(None, device=device, default_version=ModelVersion(name, 0, Path(folder), {}),
+                   backend=backend)
 
     @property
     def loaded_version(self) -> ModelVersion | None:
@@ -132,7 +139,8 @@ class Segmenter:
         output = sitk.GetImageFromArray(label)
         output.CopyInformation(image)
         return SegmentationResult(output, self._loaded.ref, str(self.device),
-                                  time.perf_counter() - started, body_fraction, warnings)
+                                  time.perf_counter() - started, body_fraction, warnings,
+                                  self.backend_choice.used, self.backend_choice.reason)
 
     def _resolve(self, model: str | ModelVersion | None) -> ModelVersion:
         if isinstance(model, ModelVersion):
@@ -163,6 +171,8 @@ class Segmenter:
                               "or --device cpu") from None
         finally:
             predictor.progress = predictor.cancel_event = None
+        self.backend_choice = start_pending_conversion(self.backend_choice,
+                                                       version.path if version.version > 0 else None)
         return label, body_fraction
 
     # ------------------------------------------------------------ two stages, for batch prefetch
@@ -259,6 +269,10 @@ class Segmenter:
         self._loaded = version
         if progress:
             progress("load", 1, 1)
+        # the backend replaces the per-tile network call; conversions are cached in store versions
+        self.backend_choice = attach_backend(
+            self._predictor, self.backend, self.device, list(find_checkpoints(version.path).values()),
+            version.path if version.version > 0 else None, progress)
         return self._predictor
 
 

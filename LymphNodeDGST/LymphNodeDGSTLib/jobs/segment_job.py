@@ -2,7 +2,8 @@
 
 Parameters (JSON): input (CT file or DICOM folder), output (label file), and optionally model
 ("NAME" or "NAME@N"), device ("auto"), fast (false), crop_body (true), nodes_csv (a path),
-min_volume_mm3 (0), home (the LNDGST home whose models/ to use; default as `lndgst` resolves it),
+min_volume_mm3 (0), backend ("auto"; a first use converts the model here, in the worker),
+home (the LNDGST home whose models/ to use; default as `lndgst` resolves it),
 trust_checkpoint (false). Progress is reported per stage, sliding-window tiles included; a cancel
 stops before the next tile and nothing is written. The label is written atomically on the input's
 exact grid; the result counts the nodes, and the node report is written when asked for.
@@ -34,7 +35,8 @@ def run(params: dict, reporter: Reporter) -> dict:
     store = ModelStore(home.models)
     store.resolve(params.get("model"))  # a bad model name fails before anything is loaded
     segmenter = Segmenter(store, device=params.get("device", "auto"),
-                          trust_checkpoint=bool(params.get("trust_checkpoint", False)))
+                          trust_checkpoint=bool(params.get("trust_checkpoint", False)),
+                          backend=params.get("backend", "auto"))
     reporter.log(f"segmenting {params['input']} on {segmenter.device}")
     cancel_event = threading.Event()
 
@@ -48,10 +50,13 @@ def run(params: dict, reporter: Reporter) -> dict:
                                cancel_event=cancel_event)
     for warning in result.warnings:
         reporter.log(f"warning: {warning}")
+    if result.backend_note:
+        reporter.log(f"backend: {result.backend_note}")
     reporter.check_cancelled()  # after the last tile: still nothing written
     write_image_atomic(result.label, output)
     rows = node_report(result.label, image, min_volume_mm3=float(params.get("min_volume_mm3", 0.0)))
     summary = {"output": str(output), "model": result.model, "device": result.device,
+               "backend": result.backend,
                "seconds": round(result.seconds, 2), "nodes": len(rows), "warnings": result.warnings}
     if nodes_csv is not None:
         write_node_csv(rows, nodes_csv)

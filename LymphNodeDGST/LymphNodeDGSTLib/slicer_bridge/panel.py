@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS  # noqa: F401  (re-exported for the GUI)
 from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_METHOD  # noqa: F401
+from LymphNodeDGSTLib.engine.backend_names import BACKEND_CHOICES  # noqa: F401  (re-exported for the GUI)
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home, resolve_home
 from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
@@ -507,11 +508,15 @@ def new_segmentation_files(home: Home) -> SegmentationFiles:
 
 
 def segment_job_params(files: SegmentationFiles, home: Home, model: str | None = None,
-                       device: str = "auto", fast: bool = False, crop_body: bool = True) -> dict:
-    """Parameters of a "segment" job (segment_job.run) for the files of one segmentation."""
+                       device: str = "auto", fast: bool = False, crop_body: bool = True,
+                       backend: str = "auto") -> dict:
+    """Parameters of a "segment" job (segment_job.run) for the files of one segmentation.
+    A backend's first use converts the model inside that job: the panel never waits for it."""
+    if backend not in BACKEND_CHOICES:
+        raise UserInputError(f"unknown segmentation backend '{backend}'")
     params = {"input": str(files.input), "output": str(files.output),
               "nodes_csv": str(files.nodes_csv), "home": str(home.root), "device": device,
-              "fast": bool(fast), "crop_body": bool(crop_body)}
+              "fast": bool(fast), "crop_body": bool(crop_body), "backend": backend}
     if model:
         params["model"] = model
     return params
@@ -519,11 +524,13 @@ def segment_job_params(files: SegmentationFiles, home: Home, model: str | None =
 
 def submit_segmentation(manager: JobManager, home: Home, files: SegmentationFiles,
                         model: str | None = None, device: str = "auto", fast: bool = False,
-                        python: str | None = None, env: dict | None = None) -> JobInfo:
+                        python: str | None = None, env: dict | None = None,
+                        backend: str = "auto") -> JobInfo:
     """Start a background segmentation of `files.input` (which the caller has written)."""
     if not files.input.is_file():
         raise UserInputError(f"the CT to segment was not written: {files.input}")
-    return manager.submit("segment", segment_job_params(files, home, model, device, fast),
+    return manager.submit("segment", segment_job_params(files, home, model, device, fast,
+                                                        backend=backend),
                           device=device, python=python, env=env)
 
 

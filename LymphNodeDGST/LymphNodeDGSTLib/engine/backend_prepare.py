@@ -1,0 +1,116 @@
+"""Converting a model version for a backend in a background process, the first time `auto` meets it.
+
+`python -m LymphNodeDGSTLib.engine.backend_prepare VERSION_FOLDER BACKEND` converts every fold
+into the version's cache (backend_cache.py) at low priority and exits. The segmentation that
+started it runs with torch and never waits; the next one finds the conversion. A lock file keeps
+to one converter per version and backend; a failure is kept as one line (`<format>.error`) so
+that later runs say why they use torch instead of retrying forever.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from LymphNodeDGSTLib.engine.backend_cache import cache_root
+from LymphNodeDGSTLib.engine.backend_names import FORMAT_OF
+
+STALE_LOCK_SECONDS = 3600
+
+
+def lock_path(version_path: Path, backend: str) -> Path:
+    return cache_root(version_path) / f"{FORMAT_OF[backend]}.converting"
+
+
+def error_path(version_path: Path, backend: str) -> Path:
+    return cache_root(version_path) / f"{FORMAT_OF[backend]}.error"
+
+
+def previous_failure(version_path: Path, backend: str) -> str | None:
+    """The one-line reason a background conversion of this version failed, or None."""
+    path = error_path(version_path, backend)
+    try:
+        return path.read_text(encoding="utf-8").strip().splitlines()[0][:200] or "unknown error"
+    except (OSError, IndexError):
+        return None
+
+
+def conversion_running(version_path: Path, backend: str) -> bool:
+    path = lock_path(version_path, backend)
+    try:
+        return time.time() - path.stat().st_mtime < STALE_LOCK_SECONDS
+    except OSError:
+        return False
+
+
+def start_background_conversion(version_path: Path, backend: str) -> bool:
+    """Start the converter unless one is running; True when one runs now."""
+    if conversion_running(version_path, backend):
+        return True
+    lock = lock_path(version_path, backend)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.unlink(missing_ok=True)  # stale
+    try:
+        handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return True  # another process won the race
+    os.close(handle)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    try:
+        subprocess.Popen([sys.executable, "-m", "LymphNodeDGSTLib.engine.backend_prepare",
+                          str(version_path), backend], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        lock.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def prepare(version_path: Path, backend: str) -> None:
+    """Convert every fold of the version at `version_path` for `backend` (this process)."""
+    from LymphNodeDGSTLib.engine.architectures import build_network, read_json
+    from LymphNodeDGSTLib.engine.backends import ensure_converted
+    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
+
+    plans = read_json(version_path / "plans.json")
+    dataset_json = read_json(version_path / "dataset.json")
+    metadata = read_json(version_path / "version.json") if (version_path / "version.json").is_file() else {}
+    for path in find_checkpoints(version_path).values():
+        checkpoint = load_checkpoint(path, trust=bool(metadata.get("trusted_checkpoint", False)))
+        configuration = checkpoint["init_args"]["configuration"]
+        network = build_network(plans, dataset_json, configuration)
+        patch = plans["configurations"][configuration]["patch_size"]
+        shape = (1, len(dataset_json["channel_names"]), *patch)
+        ensure_converted(backend, network, checkpoint["network_weights"], path, version_path, shape)
+
+
+def main(argv: list[str]) -> int:
+    version_path, backend = Path(argv[0]), argv[1]
+    try:
+        os.nice(10)  # after the segmentation that started us
+    except (AttributeError, OSError):
+        pass
+    try:
+        prepare(version_path, backend)
+        return 0
+    except Exception as error:
+        if version_path.is_dir():  # a version removed meanwhile: nothing to report
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            try:
+                error_path(version_path, backend).write_text(detail[:200] + "\n", encoding="utf-8")
+            except OSError:
+                pass
+        return 1
+    finally:
+        lock_path(version_path, backend).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    from LymphNodeDGSTLib.engine import nnunet_env  # noqa: F401  (nnU-Net's environment first)
+    sys.exit(main(sys.argv[1:]))
