@@ -162,6 +162,7 @@ def test_parts_cover_the_folder_exactly_once_and_merge(tmp_path):
 
 @pytest.mark.parametrize("spec", ["3/2", "0/0", "0/3", "1/0", "a/b", "2"])
 def test_bad_part_specs_are_refused(spec):
+    """Mutation caught: the 1 <= K <= N check dropped (3/2 and 0/3 would be accepted)."""
     with pytest.raises(UserInputError, match="--part"):
         parse_part(spec)
 
@@ -178,6 +179,7 @@ BAD_BATCH_INPUTS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_BATCH_INPUTS))
 def test_bad_batch_input_is_exit_2_one_line_and_writes_nothing(installed_home, tmp_path, capsys, case):
+    """Nothing can run: exit 2, one line, no output folder, before any model is loaded."""
     import torch
     if case == "absent GPU" and torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -192,6 +192,7 @@ def test_plan_order_keeps_every_part_measured_early_and_phantoms_can_be_skipped(
     (["--tune-lr", "1e-2,x"], "--tune-lr"),
     (["--tune-lr", "1e-2", "--lr", "1e-2"], "exclude each other"),
     (["--selection-only", "--methods", "none,norm"], "--selection-only"),
+    (["--report-only"], "holds no benchmark"),
 ])
 def test_bad_options_exit_2_before_any_work(arguments, message, tmp_path, capsys):
     output = tmp_path / "out"

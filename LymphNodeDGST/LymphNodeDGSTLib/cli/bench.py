@@ -39,6 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     adapt.add_argument("--smoke", action="store_true", help="tiny run for tests: none and dgst, 1 shot, "
                        "1 seed, 4 iterations, cropped images (under 90 s)")
     adapt.add_argument("--resume", action="store_true", help="keep the runs already in OUTPUT/runs.jsonl")
+    adapt.add_argument("--report-only", action="store_true", help="run nothing: write the tables from "
+                       "the runs already in OUTPUT/runs.jsonl (a cut-short benchmark)")
     adapt.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     adapt.add_argument("--shift", help="phantom site to adapt to: B (scanner and contrast, "
                        "default) or C (rim-enhancing flat nodes: the harder shift)")
@@ -53,10 +55,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.demo.bench_adapt import BenchConfig, run_benchmark, smoke_config
+    from LymphNodeDGSTLib.demo.bench_adapt import BenchConfig, report_from_runs, run_benchmark, smoke_config
 
     if args.bench_command != "adapt":
         raise UserInputError("bench: choose a benchmark: adapt")
+    if args.report_only:
+        outputs = report_from_runs(Path(args.output))
+        print(outputs.table.read_text())
+        return EXIT_OK
     config = smoke_config() if args.smoke else BenchConfig()
     if args.methods:
         config.methods = tuple(_names(args.methods))

@@ -537,6 +537,21 @@ def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: 
     return outputs
 
 
+def report_from_runs(output: Path) -> BenchOutputs:
+    """Write results.md, results.json and the figure from the runs already in OUTPUT/runs.jsonl
+    (an interrupted or cut-short benchmark); the tables say which runs exist."""
+    output = Path(output).resolve()
+    if not (output / CONFIG_FILE).is_file() or not (output / RUNS_FILE).is_file():
+        raise UserInputError(f"--report-only: {output} holds no benchmark (config.json and runs.jsonl)")
+    stored = json.loads((output / CONFIG_FILE).read_text())["config"]
+    stored = {key: tuple(value) if isinstance(value, list) else value for key, value in stored.items()}
+    config = BenchConfig(**stored)
+    rows = read_rows(output / RUNS_FILE)
+    learning_rates = chosen_learning_rates(rows) if config.tune_lrs else None
+    skipped = None if config.sts else "real-label part skipped (--skip-sts)"
+    return write_reports(rows, config, output, skipped, learning_rates)
+
+
 def _run_specs(plan: list[RunSpec], done: dict[str, dict], config: BenchConfig, runs_path: Path,
                started: float, say: Say) -> list[dict]:
     """Run what is not already done; every row in plan order (done ones reused)."""
