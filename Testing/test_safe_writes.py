@@ -31,11 +31,10 @@ def random_label(seed: int, shape=(12, 48, 48)) -> sitk.Image:
 
 def fill_up(folder: Path) -> None:
     """Write zeros into `folder` until its file system is full."""
-    with open(folder / "filler", "wb") as handle:
+    with open(folder / "filler", "wb", buffering=0) as handle:
         try:
             while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
+                handle.write(b"\0" * 4096)
         except OSError as error:
             assert error.errno == errno.ENOSPC
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,14 +50,14 @@ class TrainingDiverged(UserInputError):
 
 
 def _check_int(option: str, value: object, low: int, high: int, meaning: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
         about = f" ({meaning})" if meaning else ""
         raise UserInputError(f"{option} must be a whole number from {low} to {high}{about}; "
                              f"got {value!r}")
 
 
 def _check_float(option: str, value: object, low: float, high: float, low_open: bool = False) -> None:
-    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
     if (number is None or not math.isfinite(number) or number < low or (low_open and number == low)
             or number > high):
         lower = f"above {low:g}" if low_open else f"at least {low:g}"
