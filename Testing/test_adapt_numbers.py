@@ -98,3 +98,27 @@ def test_a_run_whose_loss_turns_nan_stops_at_once_and_publishes_nothing(one_case
         run_adaptation(one_case_home, request, reporter, job_folder / "work")
     assert tree_snapshot(one_case_home.models) == before
     assert [v.ref for v in store.versions("poisoned")] == ["poisoned@1"]
+
+
+@pytest.mark.parametrize("ending", ["failure", "success"])
+def test_the_job_work_copy_is_removed_when_the_job_ends(tmp_path, monkeypatch, ending):
+    """Catches `jobs/ID/work` (a full checkpoint copy per job) kept after the job."""
+    from LymphNodeDGSTLib.adaptation import adapt
+
+    def pretend(home, request, reporter, work_dir):
+        (work_dir / "training" / "fold_0").mkdir(parents=True)
+        (work_dir / "training" / "fold_0" / "checkpoint_final.pth").write_bytes(b"\0" * 1000)
+        if ending == "failure":
+            raise TrainingDiverged("training diverged at iteration 3")
+        return {"version": "x@2"}
+
+    monkeypatch.setattr(adapt, "run_adaptation", pretend)
+    job_folder = tmp_path / "job"
+    job_folder.mkdir()
+    params = {"home": str(tmp_path / "home"), "request": {}}
+    if ending == "failure":
+        with pytest.raises(TrainingDiverged):
+            adapt.run_job(params, Reporter(job_folder))
+    else:
+        assert adapt.run_job(params, Reporter(job_folder)) == {"version": "x@2"}
+    assert not (job_folder / "work").exists()

@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_ct
 
+import LymphNodeDGSTLib
 from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
 from LymphNodeDGSTLib.engine.processes import process_start_time
 from LymphNodeDGSTLib.jobs import manager as jobs
@@ -42,8 +43,9 @@ def race(script: str, folder: Path, racers: int = RACERS) -> list[str]:
     imports, _, work = script.partition("\n---\n")
     code = body.replace("{imports}", imports.strip()).replace("{work}", work.strip())
     ready = [folder / f"ready{k}" for k in range(racers)]
+    package_parent = Path(LymphNodeDGSTLib.__file__).resolve().parents[1]  # the copy under test
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(TESTING.parent / "LymphNodeDGST"), str(TESTING), os.environ.get("PYTHONPATH", "")])}
+        [str(package_parent), str(TESTING), os.environ.get("PYTHONPATH", "")])}
     processes = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env) for r in ready]
     deadline = time.monotonic() + 120
@@ -81,13 +83,13 @@ except UserInputError as error:
     print("refused", error)
 """
     for trial in range(2):
-        shutil_free = tmp_path / f"trial{trial}"
-        shutil_free.mkdir()
-        outputs = race(script.replace(str(tmp_path / "cases"), str(shutil_free / "cases")), shutil_free)
+        folder = tmp_path / f"trial{trial}"
+        folder.mkdir()
+        outputs = race(script.replace(str(tmp_path / "cases"), str(folder / "cases")), folder)
         added = [o for o in outputs if o.startswith("added")]
         assert len(added) == 1, outputs
         assert all("already in the library" in o for o in outputs if o.startswith("refused"))
-        assert len(CaseLibrary(shutil_free / "cases").list()) == 1
+        assert len(CaseLibrary(folder / "cases").list()) == 1
 
 
 def test_simultaneous_adapt_submissions_start_one_job(tmp_path):

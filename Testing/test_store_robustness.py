@@ -71,13 +71,14 @@ def test_publish_skips_a_stray_version_entry(installed_home, tiny_model_folder, 
     else:
         store.export("tiny@1", entry)
     time_limit(30)
-    installed = store.install(tiny_model_folder, name="tiny", show_progress=False, force=True)
-    assert installed.ref == "tiny@3"
-    assert entry.exists() and (entry.is_file() or not (entry / "version.json").exists())
-    # Adaptation publishes through add_version too.
-    adapted = store.add_version("tiny", installed.path, {"kind": "adapted", "parent": 1},
+    # Adaptation publishes through add_version, `models install` too.
+    adapted = store.add_version("tiny", tiny_model_folder, {"kind": "adapted", "parent": 1},
                                 activate_if_first=False)
-    assert adapted.ref == "tiny@4"
+    assert adapted.ref == "tiny@3"
+    assert entry.exists() and (entry.is_file() or not (entry / "version.json").exists())
+    status = cli.main(["--home", str(installed_home), "models", "install", str(tiny_model_folder),
+                       "--name", "tiny", "--force"])
+    assert status == 0 and store.resolve("tiny@4").ref == "tiny@4"
 
 
 def test_publish_gives_up_after_a_bounded_number_of_tries(installed_home, tiny_model_folder,
@@ -88,7 +89,7 @@ def test_publish_gives_up_after_a_bounded_number_of_tries(installed_home, tiny_m
     monkeypatch.setattr(models.os.path, "lexists", lambda path: True)
     time_limit(30)
     with pytest.raises(UserInputError, match="no free version number after 100 tries"):
-        store.install(tiny_model_folder, name="tiny", show_progress=False, force=True)
+        store.add_version("tiny", tiny_model_folder, {"kind": "adapted", "parent": 1})
     assert tree_snapshot(installed_home / "models") == before
 
 
@@ -163,7 +164,9 @@ def test_stale_staging_folders_of_dead_processes_are_removed(installed_home, tin
     live = root / f".install-{owner_tag()}-live"
     for folder in stale + [live]:
         (folder / "unpacked").mkdir(parents=True)
-    ModelStore(root).install(tiny_model_folder, name="tiny", show_progress=False, force=True)
+    store = ModelStore(root)
+    store.install(tiny_model_folder, name="other", show_progress=False)
+    store.add_version("tiny", tiny_model_folder, {"kind": "adapted", "parent": 1})
     assert not any(folder.exists() for folder in stale)
     assert live.exists()
 
