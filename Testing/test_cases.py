@@ -12,7 +12,7 @@ from conftest import make_ct, run_cli, shared_file, tree_snapshot
 
 from LymphNodeDGSTLib.cli import main as cli
 from LymphNodeDGSTLib.adaptation.cases import CaseLibrary, image_sha256
-from LymphNodeDGSTLib.errors import UserInputError
+from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 SHAPE = (10, 40, 40)
 ORIGIN = (-30.0, -28.5, 12.0)
@@ -234,7 +234,7 @@ def test_a_failure_while_writing_leaves_no_half_case(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(cases_module, "write_json_atomic", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteFailed, match="disk full"):
         library.add(ct, label_on(ct))
     assert library.list() == [] and library_entries(tmp_path) == []
 

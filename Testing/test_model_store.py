@@ -39,7 +39,7 @@ def edit_checkpoint(folder: Path, change) -> None:
 def test_install_from_folder_numbers_versions_and_keeps_first_active(home, tiny_model_folder):
     store = ModelStore(home / "models")
     first = store.install(tiny_model_folder, name="tiny", show_progress=False)
-    second = store.install(tiny_model_folder, name="tiny", show_progress=False)
+    second = store.install(tiny_model_folder, name="tiny", show_progress=False, force=True)
     assert (first.ref, second.ref) == ("tiny@1", "tiny@2")
     assert store.active_version("tiny") == 1
     assert store.resolve("tiny").version == 1
@@ -51,7 +51,7 @@ def test_install_from_folder_numbers_versions_and_keeps_first_active(home, tiny_
 def test_cli_install_list_activate_rollback(home, tiny_model_folder):
     assert run_cli("models", "install", str(tiny_model_folder), "--name", "ln", home=home,
                    check_rc=0).stdout.strip() == "ln@1"
-    run_cli("models", "install", str(tiny_model_folder), "--name", "ln", home=home, check_rc=0)
+    run_cli("models", "install", str(tiny_model_folder), "--name", "ln", "--force", home=home, check_rc=0)
     assert run_cli("models", "activate", "ln@2", home=home, check_rc=0).stdout.strip() == "ln@2"
     listing = run_cli("models", "list", home=home, check_rc=0).stdout
     assert "* ln@2" in listing and "  ln@1" in listing
@@ -235,7 +235,7 @@ def test_url_install_verifies_and_resumes_after_interruption(home, tiny_model_fo
     second = run_cli("models", "install", url, "--name", "web", "--sha256", digest, home=home)
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "web@1"
-    assert not list((home / "models" / ".downloads").iterdir())
+    assert not (home / "models" / ".downloads").exists()  # the finished archive is not kept
 
 
 def test_url_install_with_wrong_checksum_installs_nothing(home, tiny_model_folder, http_folder):

@@ -97,7 +97,7 @@ def test_model_is_loaded_once_and_reloaded_when_active_version_changes(segmenter
     first = segmenter._predictor
     segmenter.segment(make_ct(seed=1), fast=True)
     assert segmenter._predictor is first
-    second = store.install(tiny_model_folder, name="tiny", show_progress=False)
+    second = store.install(tiny_model_folder, name="tiny", show_progress=False, force=True)
     store.activate("tiny", second.version)
     try:
         segmenter.segment(make_ct(), fast=True)

@@ -1,4 +1,8 @@
-"""Write-then-rename helpers: a reader never sees a half-written file or folder."""
+"""Write-then-rename helpers: a reader never sees a half-written file or folder.
+
+What they create gets the modes other tools give (0666 / 0777 less the user's umask), not the
+0600 / 0700 of Python's temporary files.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -38,6 +43,7 @@ def temporary_sibling(path: str | os.PathLike, suffix: str = "") -> Iterator[Pat
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.chmod(tmp, default_mode())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -51,11 +57,31 @@ def staging_folder(parent: str | os.PathLike, prefix: str = ".staging-") -> Iter
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, default_mode(folder=True))
     try:
         yield folder
     finally:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The mode open()/mkdir() would give a new file or folder: 0666/0777 less the umask."""
+    return (0o777 if folder else 0o666) & ~current_umask()
 
 
 def _remove_quietly(path: str | os.PathLike) -> None:

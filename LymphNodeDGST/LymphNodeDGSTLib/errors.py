@@ -27,3 +27,8 @@ class OutOfMemory(Exception):
 
 # Exit status of the command line and of anything that follows a job on a terminal.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class WriteFailed(Exception):
+    """A file the user cares about could not be written (disk full, quota, I/O error): exit 1
+    with one line; the earlier file, if any, is left as it was."""

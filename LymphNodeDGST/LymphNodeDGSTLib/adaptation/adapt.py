@@ -38,6 +38,7 @@ from LymphNodeDGSTLib.adaptation.trainer import STATS_FILE, FineTuneSettings
 REPORT_FILE = "adaptation_report.json"
 FIGURE_FILE = "adaptation_report.png"
 ACTIVATION_CHOICES = ("auto", "never", "force")
+WORK_FOLDER = "work"
 
 
 @dataclass
@@ -253,5 +254,11 @@ def run_job(params: dict, reporter: Reporter) -> dict:
     """Entry point of the background worker for `adapt` jobs."""
     home = Home(Path(params["home"]))
     request = AdaptRequest(**params["request"])
-    return run_adaptation(home, request, reporter, Path(reporter.job_folder) / "work")
+    work_dir = Path(reporter.job_folder) / WORK_FOLDER
+    try:
+        return run_adaptation(home, request, reporter, work_dir)
+    finally:
+        # The work copy (preprocessed cases, checkpoints) is as large as the model: never kept,
+        # whether the job ends in success, failure or a cancel.
+        shutil.rmtree(work_dir, ignore_errors=True)
 

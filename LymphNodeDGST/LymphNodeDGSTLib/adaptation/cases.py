@@ -27,8 +27,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
-from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.engine.images import check_3d_scalar, ct_range_warning, read_image
+from LymphNodeDGSTLib.engine.file_lock import exclusive_lock
+from LymphNodeDGSTLib.engine.image_integrity import check_finite_voxels
+from LymphNodeDGSTLib.engine.images import (check_3d_scalar, ct_range_warning, read_image,
+                                            write_verified_image)
+from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 GENERATED_ID = re.compile(r"^case-(\d+)$")
@@ -62,6 +65,12 @@ class CaseLibrary:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+
+    @property
+    def lock_path(self) -> Path:
+        """Held while checking for a duplicate and publishing, so that two adds of one image
+        cannot both win; beside the library (inside it, it would look like an entry)."""
+        return self.root.parent / f".{self.root.name}.lock"
 
     def __len__(self) -> int:
         return len(self.list())
@@ -117,7 +126,7 @@ class CaseLibrary:
             raise UserInputError("label is empty: no lymph-node voxel")
         label_on_grid = _with_array(ct, binary)
         image_hash = image_sha256(ct)
-        self._refuse_duplicate(image_hash)
+        self._refuse_duplicate(image_hash)  # early, before the slow writes; again under the lock
 
         metadata = {
             "id": case_id,
@@ -134,10 +143,16 @@ class CaseLibrary:
                        if not isinstance(value, sitk.Image)}
             if sources:
                 metadata["source"] = sources
-        with staging_folder(self.root, STAGING_PREFIX) as staged:
-            sitk.WriteImage(_without_metadata(ct), str(staged / IMAGE_FILE), True)
-            sitk.WriteImage(label_on_grid, str(staged / LABEL_FILE), True)
-            final_id = self._publish(staged, metadata, case_id)
+        try:
+            with staging_folder(self.root, STAGING_PREFIX) as staged:
+                write_verified_image(_without_metadata(ct), staged / IMAGE_FILE)
+                write_verified_image(label_on_grid, staged / LABEL_FILE)
+                with exclusive_lock(self.lock_path, what=f"the case library {self.root}"):
+                    self._refuse_duplicate(image_hash)
+                    final_id = self._publish(staged, metadata, case_id)
+        except OSError as error:
+            raise WriteFailed(f"cannot write the case into {self.root}: "
+                              f"{error.strerror or error}; the library is unchanged") from None
         return self._load(final_id)
 
     # ---------------------------------------------------------------- internals
@@ -281,6 +296,7 @@ def image_sha256(image: sitk.Image) -> str:
 def _as_image(source: sitk.Image | str | os.PathLike, what: str) -> sitk.Image:
     if isinstance(source, sitk.Image):
         check_3d_scalar(source, what)
+        check_finite_voxels(source, what)
         return source
     return read_image(source, what)
 

@@ -67,6 +67,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from LymphNodeDGSTLib.adaptation.selection_stats import SelectionPersistence
+from LymphNodeDGSTLib.errors import UserInputError
 
 POLICY_NAMES = ("dgst", "random", "static", "bias", "norm", "full", "lora",
                 "dgst-ema", "dgst-split", "dgst-budget")
@@ -305,6 +306,11 @@ class SparseFilterPolicy(UpdatePolicy):
         self.always = [] if self.selection_only else [info for info in self.infos if info.always_trained]
         self.sparse = [info for info in self.infos
                        if info.layout is not None and not info.always_trained]
+        largest = max((info.layout.filter_size for info in self.sparse), default=0)
+        if self.sparse and self.gamma >= largest:
+            raise UserInputError(f"gamma {self.gamma} selects every entry of every kernel (the "
+                                 f"largest holds {largest}): that is full fine-tuning; use "
+                                 "--method full, or a gamma below that")
         self._freeze_all_but(self.always + self.sparse)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,42 @@ IterationCallback = Callable[[int, int, float], None]      # (done, total, loss)
 EpochCallback = Callable[[int, dict], None]                 # (epoch, metrics)
 
 
+# Bounds of the settings a user can give.
+MAX_GAMMA = 1000
+MAX_ITERATIONS = 10_000_000
+MAX_LEARNING_RATE = 10.0
+
+
+class TrainingDiverged(UserInputError):
+    """The loss or the weights became NaN or infinite: the run is stopped, nothing published."""
+
+
+def _check_int(option: str, value: object, low: int, high: int, meaning: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        about = f" ({meaning})" if meaning else ""
+        raise UserInputError(f"{option} must be a whole number from {low} to {high}{about}; "
+                             f"got {value!r}")
+
+
+def _check_float(option: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    if (number is None or not math.isfinite(number) or number < low or (low_open and number == low)
+            or number > high):
+        lower = f"above {low:g}" if low_open else f"at least {low:g}"
+        upper = f" and at most {high:g}" if math.isfinite(high) else ""
+        raise UserInputError(f"{option} must be a finite number {lower}{upper}; got {value!r}")
+
+
+def check_finite_weights(weights: dict, when: str) -> None:
+    """TrainingDiverged if any floating tensor of `weights` holds NaN or inf."""
+    bad = [name for name, tensor in weights.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise TrainingDiverged(f"training diverged {when}: {len(bad)} weight tensor(s) hold NaN or "
+                               f"infinite values (e.g. {bad[0]}); nothing was published; try a "
+                               "lower --lr")
+
+
 @dataclass
 class FineTuneSettings:
     """Hyper-parameters; the defaults are DGST.md's (50 epochs x 250 iterations, SGD 0.99 Nesterov)."""
@@ -62,14 +99,17 @@ class FineTuneSettings:
     selection_only: bool = False      # sparse methods: freeze norms, biases and head too
 
     def validate(self) -> "FineTuneSettings":
+        """Refuse every number that cannot give a sane run (NaN, inf, negative, absurd)."""
         if self.method not in POLICY_NAMES:
             raise UserInputError(f"unknown method '{self.method}'; choose one of {', '.join(POLICY_NAMES)}")
-        if self.gamma < 1:
-            raise UserInputError("--gamma must be at least 1")
-        if self.iterations < 1:
-            raise UserInputError("--iterations must be at least 1")
-        if self.foundation_l2 < 0:
-            raise UserInputError("the L2-to-foundation coefficient must be >= 0")
+        _check_int("--gamma", self.gamma, 1, MAX_GAMMA,
+                   "entries updated per kernel; DGST uses small values (the authors use 2)")
+        _check_int("--iterations", self.iterations, 1, MAX_ITERATIONS)
+        _check_int("--iterations-per-epoch", self.iterations_per_epoch, 1, MAX_ITERATIONS)
+        _check_int("--seed", self.seed, 0, 2**32 - 1)
+        if self.learning_rate is not None:
+            _check_float("--lr", self.learning_rate, 0.0, MAX_LEARNING_RATE, low_open=True)
+        _check_float("--l2-to-foundation", self.foundation_l2, 0.0, float("inf"))
         if self.selection_only and self.method not in SPARSE_POLICY_NAMES:
             raise UserInputError(f"--selection-only needs a sparse method ({', '.join(SPARSE_POLICY_NAMES)}), "
                                  f"not '{self.method}'")
@@ -181,9 +221,22 @@ def _trainer_class():
                 self.stepper.step(self.optimizer)
             self.iteration += 1
             value = float(loss.detach().cpu())
+            self._stop_if_diverged(value)
             if self.on_iteration is not None:
                 self.on_iteration(self.iteration, self.settings.iterations, value)
             return {"loss": np.array(value)}
+
+        def _stop_if_diverged(self, loss: float) -> None:
+            """Stop at once when the loss or a trained weight is no longer finite: continuing
+            only spreads NaN through the network."""
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training diverged at iteration {self.iteration}: the loss "
+                                       f"became {loss}; nothing was published; try a lower --lr")
+            trained = [p for p in self.network.parameters() if p.requires_grad]
+            if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):
+                raise TrainingDiverged(f"training diverged at iteration {self.iteration}: weights "
+                                       "became NaN or infinite; nothing was published; try a "
+                                       "lower --lr")
 
         def _set_learning_rate(self) -> None:
             """nnU-Net's polynomial decay, per iteration (short runs have one or two epochs)."""
@@ -269,6 +322,7 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
         trainer.on_iteration, trainer.on_epoch, trainer.should_stop = on_iteration, on_epoch, should_stop
         trainer.run_training()
         weights = trainer.adapted_weights()
+    check_finite_weights(weights, "by the end of training")
 
     results = work_dir / "results"
     change = weight_change_summary(foundation_checkpoint["network_weights"], weights)

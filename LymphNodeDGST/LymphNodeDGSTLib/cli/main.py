@@ -15,7 +15,7 @@ from typing import Sequence
 from LymphNodeDGSTLib.cli import adapt, bench, cases, cohort, demo, jobs, models, phantom, segment
 from LymphNodeDGSTLib.cli.options import CommandParser
 from LymphNodeDGSTLib.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,  # noqa: F401 (re-exported)
-                                     Cancelled, OutOfMemory, UserInputError)
+                                     Cancelled, OutOfMemory, UserInputError, WriteFailed)
 from LymphNodeDGSTLib.home import resolve_home
 
 # Each command group: a module with COMMAND, register(subparsers) and handle(args, home), in the
@@ -41,8 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__version__)
             return EXIT_OK
         if not args.command:
-            build_parser().print_help()
+            build_parser().print_help(sys.stderr)  # a usage error: help on stderr, stdout empty
             return EXIT_USAGE
+        if args.home is not None and not args.home.strip():
+            raise UserInputError("--home is empty; give a folder (or leave --home out to use "
+                                 "$LNDGST_HOME or ~/.lymphnode-dgst)")
         home = resolve_home(args.home)
         handlers = {group.COMMAND: group.handle for group in COMMAND_GROUPS}
         return handlers[args.command](args, home)
@@ -54,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except OutOfMemory as error:
         print(f"lndgst: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except WriteFailed as error:
+        print(f"lndgst: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("lndgst: interrupted", file=sys.stderr)

@@ -19,6 +19,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     install.add_argument("--sha256", help="expected SHA-256 of the zip or download")
     install.add_argument("--trust-checkpoint", action="store_true",
                          help="allow checkpoints that need arbitrary unpickling (trusted sources only)")
+    install.add_argument("--force", action="store_true",
+                         help="install even if the same checkpoints are already installed")
     model_commands.add_parser("list", help="installed models and versions (* = active)")
     activate = model_commands.add_parser("activate", help="make NAME@VERSION the active version")
     activate.add_argument("spec", metavar="NAME@VERSION")
@@ -36,7 +38,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     command = args.models_command
     if command == "install":
         version = store.install(args.source, name=args.name, sha256=args.sha256,
-                                trust_checkpoint=args.trust_checkpoint)
+                                trust_checkpoint=args.trust_checkpoint, force=args.force)
         print(version.ref)
     elif command == "list":
         names = store.names()

@@ -44,10 +44,10 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     from LymphNodeDGSTLib.cli.segment_batch import handle_batch, is_batch
     if is_batch(args):
         return handle_batch(args, home)
-    output = check_output_path(args.output, "output")
+    output = check_output_path(args.output, "output", inputs=[args.input])
     nodes_csv = Path(args.nodes) if args.nodes else None
     if nodes_csv is not None:
-        _check_csv_path(nodes_csv)
+        _check_csv_path(nodes_csv, inputs=[args.input, args.output])
     image = read_image(args.input, "input")
     store = ModelStore(home.models)
     store.resolve(args.model)  # fail on a bad model name before loading anything
@@ -70,8 +70,13 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
-def _check_csv_path(path: Path) -> None:
+def _check_csv_path(path: Path, inputs: list[str]) -> None:
+    from LymphNodeDGSTLib.engine.images import same_file
+
     parent = path.parent if str(path.parent) else Path(".")
+    for other in inputs:
+        if same_file(path, Path(other)):
+            raise UserInputError(f"node report {path} is also {other}; choose another file")
     if path.suffix.lower() != ".csv":
         raise UserInputError(f"node report {path}: use a .csv file name")
     if not parent.is_dir():

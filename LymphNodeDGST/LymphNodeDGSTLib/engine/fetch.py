@@ -17,6 +17,12 @@ from tqdm import tqdm
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
 
 CHUNK = 1 << 20
+# Bounds on what an archive may unpack to: nnU-Net results folders are mostly incompressible
+# float weights (ratio ~1.1), a few JSON files compress ~10x.
+MAX_EXTRACTED_BYTES = 32 << 30
+MAX_COMPRESSION_RATIO = 200
+# Free space kept when checking whether an archive fits.
+FREE_SPACE_MARGIN = 64 << 20
 
 
 def is_url(source: str) -> bool:
@@ -87,9 +93,36 @@ def verify_sha256(path: Path, sha256: str) -> None:
         raise UserInputError(f"checksum mismatch for {path}: expected sha256 {sha256}, got {actual}")
 
 
+def check_extracted_size(archive: Path, members: list[zipfile.ZipInfo], destination: Path) -> None:
+    """Refuse entries whose declared sizes exceed the bounds or the free space, before writing."""
+    total = sum(m.file_size for m in members)
+    if total > MAX_EXTRACTED_BYTES:
+        raise ModelValidationError(f"{archive}: refused, it would unpack to {total / 2**30:.1f} GiB "
+                                   f"(limit {MAX_EXTRACTED_BYTES / 2**30:.0f} GiB)")
+    for member in members:
+        if member.file_size > MAX_COMPRESSION_RATIO * max(member.compress_size, 1) + CHUNK:
+            raise ModelValidationError(
+                f"{archive}: refused, entry '{member.filename}' unpacks {member.compress_size} bytes "
+                f"to {member.file_size} (more than {MAX_COMPRESSION_RATIO}x: a zip bomb?)")
+    folder = destination
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if total + FREE_SPACE_MARGIN > free:
+        raise ModelValidationError(f"{archive}: not enough free space to unpack it "
+                                   f"({total / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free "
+                                   f"in {folder})")
+
+
 def extract_zip_safely(archive: Path, destination: Path,
-                       progress: Callable[[int, int], None] | None = None) -> None:
-    """Extract a zip, refusing absolute paths, `..` components and links before writing anything."""
+                       progress: Callable[[int, int], None] | None = None,
+                       wanted: Callable[[str], bool] | None = None) -> None:
+    """Extract a zip, refusing absolute paths, `..` components and links before writing anything.
+
+    Only entries `wanted(name)` accepts are extracted (default: all). Their declared sizes are
+    bounded before anything is written (zipfile never yields more than the declared size):
+    in total, by the free space, and per entry by the compression ratio (a zip bomb).
+    """
     try:
         bundle = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as error:
@@ -106,6 +139,9 @@ def extract_zip_safely(archive: Path, destination: Path,
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 raise ModelValidationError(f"{archive}: refused, entry '{member.filename}' is a "
                                            "symbolic link")
+        if wanted is not None:
+            members = [m for m in members if wanted(m.filename.replace("\\", "/"))]
+        check_extracted_size(archive, [m for m in members if not m.is_dir()], destination)
         try:
             for index, member in enumerate(members):
                 target = destination / member.filename

@@ -1,21 +1,32 @@
-"""Reading and writing CT and label images with SimpleITK: files, DICOM folders, atomic writes."""
+"""Reading and writing CT and label images with SimpleITK: files, DICOM folders, atomic writes.
+
+Reading refuses what ITK would silently accept as something else: a truncated NIfTI (ITK fills
+the missing voxels with zeros), a DICOM series with a missing slice (read with a wrong spacing)
+and NaN or infinite voxels. Writing goes through a temporary file that is read back before it
+replaces the target, so a full disk never leaves an empty or partial label in its place.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
 
-from LymphNodeDGSTLib.atomic import temporary_sibling
-from LymphNodeDGSTLib.errors import UserInputError
+from LymphNodeDGSTLib.atomic import default_mode, temporary_sibling
+from LymphNodeDGSTLib.engine.image_integrity import (check_finite_voxels, check_nifti_complete,
+                                                     check_slice_spacing)
+from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 # ITK's own warnings go to stderr unasked and would break "one clear line" error output.
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
-# Extensions SimpleITK writes and that keep full 3D geometry.
-WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Extensions SimpleITK writes in one file that keeps full 3D geometry.
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+# Header + data pairs: two files cannot replace two others in one atomic rename.
+TWO_FILE_SUFFIXES = (".mhd", ".nhdr", ".hdr", ".img")
 
 # A CT in Hounsfield units spans air (-1000) to bone (> 300). Images far outside are suspicious.
 CT_MIN_RANGE_HU = (-1100.0, -500.0)
@@ -32,6 +43,9 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     except RuntimeError as error:
         raise UserInputError(f"cannot read {what} {path}: {_itk_message(error)}") from None
     check_3d_scalar(image, f"{what} {path}")
+    if path.is_file():
+        check_nifti_complete(path, f"{what} {path}")
+    check_finite_voxels(image, f"{what} {path}")
     return image
 
 
@@ -42,8 +56,10 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     if len(series) > 1:
         raise UserInputError(
             f"folder {folder} holds {len(series)} DICOM series; give a folder with exactly one")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    check_slice_spacing(files, f"DICOM series in {folder}")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.SetFileNames(files)
     return reader.Execute()
 
 
@@ -68,12 +84,22 @@ def ct_range_warning(array: np.ndarray) -> str | None:
     return None
 
 
-def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
-    """Refuse an output path we could not write, before any work is done."""
+def check_output_path(path: str | os.PathLike, what: str = "output",
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output path we could not write, or one that would overwrite one of `inputs`
+    (also through a link), before any work is done."""
     path = Path(path)
-    if not str(path.name).lower().endswith(WRITABLE_SUFFIXES):
+    name = str(path.name).lower()
+    if name.endswith(TWO_FILE_SUFFIXES):
+        raise UserInputError(f"{what} {path}: header+data formats ({', '.join(TWO_FILE_SUFFIXES)}) "
+                             "cannot be written atomically; use one of " + ", ".join(WRITABLE_SUFFIXES))
+    if not name.endswith(WRITABLE_SUFFIXES):
         raise UserInputError(f"{what} {path}: unsupported extension; use one of "
                              + ", ".join(WRITABLE_SUFFIXES))
+    for source in inputs:
+        if same_file(path, Path(source)):
+            raise UserInputError(f"{what} {path} is the input {source}: writing it would destroy "
+                                 "the input; choose another output file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserInputError(f"{what} folder does not exist: {parent}")
@@ -84,16 +110,59 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (hard links) the same inode."""
+    try:
+        if first.resolve() == second.resolve():
+            return True
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write through a temporary file in the same folder, then rename: never a partial file."""
+    """Write through a temporary file in the same folder, read it back, then rename over `path`.
+
+    A failed or incomplete write (disk full: ITK may report nothing and leave a short file)
+    raises WriteFailed and leaves whatever was at `path` unchanged.
+    """
     path = check_output_path(path)
     suffix = next(s for s in WRITABLE_SUFFIXES if path.name.lower().endswith(s))
-    with temporary_sibling(path, suffix=suffix) as tmp:
-        if suffix in (".mhd", ".nhdr"):
-            raise UserInputError(f"{path}: header+data formats (.mhd, .nhdr) cannot be written "
-                                 "atomically; use .nii.gz, .nrrd or .mha")
-        sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
+    try:
+        with temporary_sibling(path, suffix=suffix) as tmp:
+            write_verified_image(image, tmp, compress, shown=path)
+            os.replace(tmp, path)
+    except OSError as error:
+        raise WriteFailed(f"cannot write {path}: {error.strerror or error}; "
+                          "nothing was changed") from None
+
+
+def write_verified_image(image: sitk.Image, path: Path, compress: bool = True,
+                         shown: Path | None = None) -> None:
+    """Write `image` to `path`, flush it to disk and read it back: WriteFailed (naming `shown`,
+    default `path`) unless the file holds exactly the image's size and voxels."""
+    shown = shown or path
+    try:
+        sitk.WriteImage(image, str(path), compress)
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(path, default_mode())
+        written = sitk.ReadImage(str(path))
+        check_nifti_complete(path, str(path))
+    except (RuntimeError, UserInputError, OSError) as error:
+        reason = (error.strerror if isinstance(error, OSError) else None) or _short_reason(error)
+        raise WriteFailed(f"cannot write {shown}: {reason} (disk full?); "
+                          "nothing was changed") from None
+    if written.GetSize() != image.GetSize() or not np.array_equal(
+            sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)):
+        raise WriteFailed(f"cannot write {shown}: the file read back differs from what was "
+                          "written (disk full?); nothing was changed")
+
+
+def _short_reason(error: Exception) -> str:
+    if isinstance(error, RuntimeError):
+        return _itk_message(error)
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _itk_message(error: RuntimeError) -> str:

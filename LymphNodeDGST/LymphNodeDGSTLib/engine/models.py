@@ -23,9 +23,16 @@ from pathlib import Path
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
 from LymphNodeDGSTLib.engine.fetch import download, extract_zip_safely, is_url, verify_sha256
-from LymphNodeDGSTLib.engine.modelcheck import ResultsFolderInfo, find_checkpoints, validate_results_folder
+from LymphNodeDGSTLib.engine.modelcheck import (CHECKPOINT_NAME, ResultsFolderInfo, find_checkpoints,
+                                                validate_results_folder)
+from LymphNodeDGSTLib.engine.processes import owner_alive, owner_tag
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+DOWNLOADS = ".downloads"
+INSTALL_PREFIX, NEW_PREFIX = ".install-", ".new-"
+# Version numbers tried when publishing before giving up (each taken one moves on to the next).
+PUBLISH_TRIES = 100
 VERSION_FILE = "version.json"
 RESULTS_FILES = ("dataset.json", "plans.json")
 
@@ -107,17 +114,41 @@ class ModelStore:
 
     # ---------------------------------------------------------------- changes
     def install(self, source: str | os.PathLike, name: str | None = None, sha256: str | None = None,
-                trust_checkpoint: bool = False, show_progress: bool = True) -> ModelVersion:
-        """Install a results folder, a zip of one, or an http(s) URL of a zip as a new model version."""
+                trust_checkpoint: bool = False, show_progress: bool = True,
+                force: bool = False) -> ModelVersion:
+        """Install a results folder, a zip of one, or an http(s) URL of a zip as a new model version.
+
+        Checkpoints identical to an installed version of the same name are refused unless `force`.
+        """
         source = str(source)
         if name is not None:
             parse_model_spec(name)
             if "@" in name:
                 raise UserInputError("--name takes a model name without '@VERSION'")
+        scheme = URL_SCHEME.match(source)
+        if scheme and not is_url(source):
+            raise UserInputError(f"unsupported URL scheme '{scheme.group(1)}': give an http(s) URL, "
+                                 "or download the file and install it from its path")
+        created_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        with staging_folder(self.root, ".install-") as work:
-            archive = None
+        remove_stale_staging(self.root, INSTALL_PREFIX)
+        try:
+            version = self._install(source, name, sha256, trust_checkpoint, show_progress, force)
+        finally:
+            # The finished download is not kept (a partial one stays, to resume); nor is a models
+            # folder this failed install created.
             if is_url(source):
+                self._download_path(source).unlink(missing_ok=True)
+                _remove_if_empty(self.root / DOWNLOADS)
+            if created_root:
+                _remove_if_empty(self.root)
+        return version
+
+    def _install(self, source: str, name: str | None, sha256: str | None, trust_checkpoint: bool,
+                 show_progress: bool, force: bool) -> ModelVersion:
+        with staging_folder(self.root, f"{INSTALL_PREFIX}{owner_tag()}-") as work:
+            if is_url(source):
+                self._download_path(source).parent.mkdir(exist_ok=True)
                 archive = download(source, self._download_path(source), sha256, show_progress)
                 folder = self._unpack(archive, work / "unpacked")
             else:
@@ -134,22 +165,28 @@ class ModelStore:
                     folder = self._unpack(path, work / "unpacked")
             info = validate_results_folder(folder, trust=trust_checkpoint)
             model_name = name or default_model_name(folder)
+            if not force:
+                self._refuse_reinstall(model_name, info)
             metadata = {
                 "source": source if is_url(source) else str(Path(source).expanduser().resolve()),
                 "kind": "installed",
                 "parent": None,
                 "trusted_checkpoint": bool(trust_checkpoint),
             }
-            version = self.add_version(model_name, folder, metadata, info=info, activate_if_first=True)
-        if archive is not None:
-            archive.unlink(missing_ok=True)
-        return version
+            return self.add_version(model_name, folder, metadata, info=info, activate_if_first=True)
+
+    def _refuse_reinstall(self, name: str, info: ResultsFolderInfo) -> None:
+        """Refuse installing checkpoints identical to an installed version of `name`."""
+        if not info.checkpoint_sha256:
+            return
+        for version in self.versions(name):
+            if version.metadata.get("checkpoint_sha256") == info.checkpoint_sha256:
+                raise UserInputError(f"these checkpoints are already installed as {version.ref}; "
+                                     "pass --force to install them again as a new version")
 
     def _download_path(self, url: str) -> Path:
         """A stable place per URL, so an interrupted download resumes where it stopped."""
-        folder = self.root / ".downloads"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".zip")
+        return self.root / DOWNLOADS / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".zip")
 
     def add_version(self, name: str, results_folder: str | os.PathLike, metadata: dict,
                     info: ResultsFolderInfo | None = None, activate_if_first: bool = True,
@@ -160,11 +197,27 @@ class ModelStore:
         results_folder = Path(results_folder)
         info = info or validate_results_folder(results_folder)
         versions_dir = self.root / name / "versions"
+        new_name = not versions_dir.exists()
         versions_dir.mkdir(parents=True, exist_ok=True)
-        with staging_folder(versions_dir, ".new-") as staged:
+        remove_stale_staging(versions_dir, NEW_PREFIX)
+        try:
+            number = self._stage_and_publish(name, results_folder, metadata, info, extra_files)
+        except BaseException:
+            if new_name:  # leave no empty model behind
+                _remove_if_empty(versions_dir)
+                _remove_if_empty(versions_dir.parent)
+            raise
+        if activate_if_first and self.active_version(name) is None:
+            self.activate(name, number)
+        return self._load_version(name, number)
+
+    def _stage_and_publish(self, name: str, results_folder: Path, metadata: dict,
+                           info: ResultsFolderInfo, extra_files: tuple[str, ...]) -> int:
+        versions_dir = self.root / name / "versions"
+        with staging_folder(versions_dir, f"{NEW_PREFIX}{owner_tag()}-") as staged:
             copy_results_folder(results_folder, staged)
             for extra in extra_files:
-                shutil.copy2(results_folder / extra, staged / extra)
+                shutil.copyfile(results_folder / extra, staged / extra)
             record = {
                 "name": name,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -176,22 +229,28 @@ class ModelStore:
                 "checkpoint_sha256": info.checkpoint_sha256,
                 **metadata,
             }
-            number = self._publish(staged, versions_dir, record)
-        if activate_if_first and self.active_version(name) is None:
-            self.activate(name, number)
-        return self._load_version(name, number)
+            return self._publish(staged, versions_dir, record)
 
     def _publish(self, staged: Path, versions_dir: Path, record: dict) -> int:
-        while True:
-            number = max(self._version_numbers(record["name"]), default=0) + 1
+        """Rename the staged version to the next free number: above every numbered entry, even
+        a stray file or an incomplete folder, trying the next one if another process is faster."""
+        taken = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
+        number = max(taken, default=0) + 1
+        for _ in range(PUBLISH_TRIES):
             record["version"] = number
             write_json_atomic(staged / VERSION_FILE, record)
-            try:
-                os.rename(staged, versions_dir / str(number))  # atomic; fails if taken
-                return number
-            except OSError:
-                if not (versions_dir / str(number)).exists():
-                    raise
+            target = versions_dir / str(number)
+            # rename() would replace an empty folder: only a name that is free is tried.
+            if not os.path.lexists(target):
+                try:
+                    os.rename(staged, target)  # atomic; fails if the name was taken meanwhile
+                    return number
+                except OSError:
+                    if not os.path.lexists(target):
+                        raise
+            number += 1
+        raise UserInputError(f"{versions_dir}: no free version number after {PUBLISH_TRIES} "
+                             "tries; remove stray entries there")
 
     def activate(self, name: str, version: int) -> ModelVersion:
         target = self.resolve(f"{name}@{version}")
@@ -258,8 +317,38 @@ class ModelStore:
 
     def _unpack(self, archive: Path, destination: Path) -> Path:
         destination.mkdir(parents=True, exist_ok=True)
-        extract_zip_safely(archive, destination)
+        extract_zip_safely(archive, destination, wanted=is_results_file)
         return locate_results_folder(destination, archive)
+
+
+def is_results_file(name: str) -> bool:
+    """Whether an archive entry is one a results folder needs: dataset.json, plans.json or a
+    fold's final checkpoint (anything else in a zip is never unpacked)."""
+    parts = name.rstrip("/").split("/")
+    if parts[-1] in RESULTS_FILES:
+        return True
+    return (len(parts) >= 2 and parts[-1] == CHECKPOINT_NAME and parts[-2].startswith("fold_"))
+
+
+def remove_stale_staging(folder: Path, prefix: str) -> None:
+    """Remove staging folders (`prefix` + owner tag) whose process is gone: left by a killed
+    install or publication. Folders of running processes, and untagged ones, are left alone."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.is_dir():
+            tag = entry.name[len(prefix):].rpartition("-")[0]
+            if owner_alive(tag) is False:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty, or already gone
 
 
 def locate_results_folder(extracted: Path, archive: Path) -> Path:
@@ -280,10 +369,10 @@ def copy_results_folder(source: Path, destination: Path) -> None:
     """Copy dataset.json, plans.json and each fold's final checkpoint (nothing else)."""
     destination.mkdir(parents=True, exist_ok=True)
     for name in RESULTS_FILES:
-        shutil.copy2(source / name, destination / name)
+        shutil.copyfile(source / name, destination / name)  # new files: the umask, as cp does
     for fold, checkpoint in find_checkpoints(source).items():
         (destination / f"fold_{fold}").mkdir(exist_ok=True)
-        shutil.copy2(checkpoint, destination / f"fold_{fold}" / checkpoint.name)
+        shutil.copyfile(checkpoint, destination / f"fold_{fold}" / checkpoint.name)
 
 
 def default_model_name(folder: Path) -> str:
@@ -304,8 +393,10 @@ def format_version_line(version: ModelVersion, active: int | None) -> str:
         parts.append(f"parent @{meta['parent']}")
     if meta.get("method"):
         parts.append(f"method {meta['method']}")
-    metric = (meta.get("metrics") or {}).get("dice_after")
+    metrics = meta.get("metrics") or {}
+    metric = metrics.get("dice_after")
     if metric is not None:
-        parts.append(f"held-out Dice {metric:.3f}")
+        held_out = metrics.get("evaluation_is_held_out", True)
+        parts.append(f"{'held-out Dice' if held_out else 'Dice on its training cases'} {metric:.3f}")
     return "  ".join(p for p in parts if p)
 

@@ -37,7 +37,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial import ConvexHull
 
-from LymphNodeDGSTLib.errors import UserInputError
+from LymphNodeDGSTLib.atomic import default_mode
+from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 ENLARGED_SHORT_AXIS_MM = 10.0
 _GRID_TOLERANCE = 1e-4
@@ -163,13 +164,20 @@ def write_node_csv(rows: Sequence[NodeRow], path: str | os.PathLike) -> Path:
     path = Path(path)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, default_mode())
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(COLUMNS)
             for row in rows:
                 writer.writerow([_format(name, value)
                                  for name, value in zip(COLUMNS, astuple(row))])
+            stream.flush()
+            os.fsync(stream.fileno())  # a full disk shows here, before the rename
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise WriteFailed(f"cannot write {path}: {error.strerror or error}; "
+                          "nothing was changed") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

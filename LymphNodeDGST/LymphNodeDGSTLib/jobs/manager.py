@@ -6,7 +6,9 @@ Layout of `jobs/` (the home's jobs folder):
     ID/worker.pid      the worker's process id, one line
     ID/worker.log      the worker's stdout and stderr (tracebacks land here)
     ID/cancel          present once a cancel was requested (the worker polls it too)
-    locks/DEVICE.lock  {"pid", "job", "kind", "device", "since"}: one exclusive job per device
+    locks/DEVICE.lock  {"pid", "pid_start", "job", "kind", "device", "since"}: one exclusive job
+                       per device; its owner is the process with that pid *and* start time
+    locks/submit.lock  held while an exclusive job is checked and created (never stale: an OS lock)
 
 Events: every event has "type" and "time", an ISO 8601 UTC time with milliseconds
 ("2026-11-26T11:22:33.123+00:00").
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic, write_text_atomic
+from LymphNodeDGSTLib.engine.file_lock import exclusive_lock
+from LymphNodeDGSTLib.engine.processes import process_running, process_start_time
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.jobs.kinds import check_kind_name
 
@@ -48,6 +53,8 @@ PID_FILE = "worker.pid"
 LOG_FILE = "worker.log"
 CANCEL_FILE = "cancel"
 LOCKS_FOLDER = "locks"
+SUBMIT_LOCK = "submit.lock"
+WORK_FOLDER = "work"  # a job's scratch copy (checkpoints, preprocessed cases); never kept
 
 STATES = ("running", "done", "failed", "cancelled")
 EVENT_TYPES = ("progress", "metric", "log", "done", "error")
@@ -56,6 +63,8 @@ JOB_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")
 
 # A job folder without worker.pid this long after creation never got a worker.
 START_GRACE_S = 60.0
+# A process whose command line is still empty this long after it started is not a worker.
+EXEC_GRACE_S = 5.0
 # A lock file this old that is still empty was left by a process that died while writing it.
 EMPTY_LOCK_GRACE_S = 5.0
 WORKER_STOPPED = "the worker stopped without finishing: killed or crashed"
@@ -248,8 +257,22 @@ def worker_alive(pid: int, job_id: str) -> bool:
         command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
-    # Empty for a moment while the worker execs (and for kernel threads): cannot tell then.
-    return not command_line or job_id.encode() in command_line
+    if not command_line:
+        # Empty for a moment while a worker execs: cannot tell then. Empty for good in a kernel
+        # thread, which may hold a dead worker's recycled pid: not ours once it is not new.
+        return _started_within(pid, EXEC_GRACE_S)
+    return job_id.encode() in command_line
+
+
+def _started_within(pid: int, seconds: float) -> bool:
+    """Whether `pid` started less than `seconds` ago (True when the OS does not tell)."""
+    started = process_start_time(pid)
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return True
+    return started is None or uptime - started / ticks < seconds
 
 
 def _linux_process_state(pid: int) -> str | None:
@@ -432,6 +455,15 @@ class DeviceLock:
     pid: int
     job: str
     kind: str
+    pid_start: int | None = None  # the owner's start time, where the OS tells (Linux)
+
+
+def lock_owner_alive(holder: DeviceLock) -> bool:
+    """Whether the lock's owner still runs: same pid and same start time, so a pid the OS gave
+    to another process since never keeps a dead job's lock (older locks: the job id check)."""
+    if holder.pid_start is not None and process_start_time(holder.pid) is not None:
+        return process_running(holder.pid, holder.pid_start)
+    return worker_alive(holder.pid, holder.job)
 
 
 def device_lock_path(jobs_root: str | os.PathLike, device: str) -> Path:
@@ -446,7 +478,7 @@ def read_device_lock(jobs_root: str | os.PathLike, device: str) -> DeviceLock | 
     """The live holder of `device`'s lock, or None (no lock, or a stale one)."""
     path = device_lock_path(jobs_root, device)
     holder = _read_lock_file(path)
-    if holder is None or not worker_alive(holder.pid, holder.job):
+    if holder is None or not lock_owner_alive(holder):
         return None
     return holder
 
@@ -457,8 +489,9 @@ def acquire_device_lock(jobs_root: str | os.PathLike, device: str, job_id: str, 
     owner is dead. Raises DeviceBusy when a live job holds it."""
     path = device_lock_path(jobs_root, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid or os.getpid(), "job": job_id, "kind": kind, "device": device,
-              "since": utc_now_iso()}
+    owner = pid or os.getpid()
+    record = {"pid": owner, "pid_start": process_start_time(owner), "job": job_id, "kind": kind,
+              "device": device, "since": utc_now_iso()}
     for _ in range(5):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -469,14 +502,14 @@ def acquire_device_lock(jobs_root: str | os.PathLike, device: str, job_id: str, 
                     time.sleep(0.1)
                     continue
                 _remove_stale_lock(path, None)
-            elif worker_alive(holder.pid, holder.job):
+            elif lock_owner_alive(holder):
                 raise DeviceBusy(busy_message(holder)) from None
             else:
                 _remove_stale_lock(path, holder)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        return DeviceLock(path, device, record["pid"], job_id, kind)
+        return DeviceLock(path, device, owner, job_id, kind, record["pid_start"])
     holder = _read_lock_file(path)
     raise DeviceBusy(busy_message(holder) if holder else f"could not lock device {device}")
 
@@ -497,8 +530,9 @@ def busy_message(holder: DeviceLock) -> str:
 def _read_lock_file(path: Path) -> DeviceLock | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        started = data.get("pid_start")
         return DeviceLock(path, str(data["device"]), int(data["pid"]), str(data["job"]),
-                          str(data.get("kind", "")))
+                          str(data.get("kind", "")), int(started) if started is not None else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -513,7 +547,7 @@ def _remove_stale_lock(path: Path, judged: DeviceLock | None) -> None:
         return
     moved = _read_lock_file(aside)
     if moved is not None and (judged is None or (moved.pid, moved.job) != (judged.pid, judged.job)) \
-            and worker_alive(moved.pid, moved.job):
+            and lock_owner_alive(moved):
         try:
             os.link(aside, path)
         except OSError:
@@ -554,8 +588,13 @@ class JobManager:
             if (device or "auto") == "auto":
                 from LymphNodeDGSTLib.engine.devices import choose_device
                 device = str(choose_device("auto"))
-            self._refuse_if_device_busy(device)
-        folder = self._create(kind, params, device, exclusive_device)
+            # Check and create as one step: of simultaneous submissions for a device, exactly
+            # one gets a job; the others see it (running, worker still starting) and are refused.
+            with exclusive_lock(self.root / LOCKS_FOLDER / SUBMIT_LOCK, what=f"the jobs folder {self.root}"):
+                self._refuse_if_device_busy(device)
+                folder = self._create(kind, params, device, exclusive_device)
+        else:
+            folder = self._create(kind, params, device, exclusive_device)
         self._launch(folder, python, env)
         return self.get(folder.name)
 
@@ -671,7 +710,18 @@ class JobManager:
             _wait_until(lambda: self._terminal_event(info.folder) is not None, timeout)
         if self._terminal_event(info.folder) is None:
             job_events_writer(info.folder).write("error", message=message, cancelled=True)
+        if info.pid is None or not worker_alive(info.pid, job_id):
+            self._clean_up_after(info)
         return self.get(job_id)
+
+    def _clean_up_after(self, info: JobInfo) -> None:
+        """What a worker killed before its own clean-up leaves: its device lock, its work copy."""
+        if info.spec.get("exclusive_device"):
+            path = device_lock_path(self.root, str(info.spec.get("device", "cpu")))
+            holder = _read_lock_file(path)
+            if holder is not None and holder.job == info.id and not lock_owner_alive(holder):
+                _remove_stale_lock(path, holder)
+        shutil.rmtree(info.folder / WORK_FOLDER, ignore_errors=True)
 
     def wait(self, job_id: str, on_event: Callable[[dict], None] | None = None,
              poll: float = 0.5, timeout: float | None = None) -> JobInfo:

@@ -26,7 +26,8 @@ from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
 def run(params: dict, reporter: Reporter) -> dict:
     if not params.get("input") or not params.get("output"):
         raise UserInputError("a segment job needs 'input' and 'output'")
-    output = check_output_path(Path(params["output"]).expanduser(), "output")
+    output = check_output_path(Path(params["output"]).expanduser(), "output",
+                               inputs=[Path(params["input"]).expanduser()])
     nodes_csv = _check_csv_path(params.get("nodes_csv"))
     home = resolve_home(params.get("home"))
     reporter.check_cancelled()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from LymphNodeDGSTLib.atomic import write_text_atomic
-from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError
+from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError, WriteFailed
 from LymphNodeDGSTLib.jobs.kinds import JOB_KINDS, check_kind_name
 from LymphNodeDGSTLib.jobs.manager import (JOB_FILE, LOG_FILE, PID_FILE, DeviceLock,
                                            Reporter, acquire_device_lock, job_events_writer,
@@ -81,7 +81,7 @@ def describe_failure(error: BaseException, reporter: Reporter, spec: dict,
     """The error event's fields for `error` (and the traceback on stderr where it is a bug)."""
     if isinstance(error, Cancelled) or reporter.cancelled():
         return {"message": "cancelled on request", "cancelled": True}
-    if isinstance(error, UserInputError):
+    if isinstance(error, (UserInputError, WriteFailed)):
         return {"message": str(error)}
     if isinstance(error, OutOfMemory):
         return {"message": str(error), "out_of_memory": True}
