@@ -98,8 +98,10 @@ def edit_checkpoint(folder: Path, change: Callable[[dict], object]) -> None:
     torch.save(checkpoint, folder / CHECKPOINT)
 
 
-def first_seg_layer(weights: dict) -> str:
-    return next(k for k in weights if ".seg_layers." in f".{k}" and k.endswith(".weight"))
+def last_seg_layer(weights: dict) -> str:
+    """The output head (deep supervision has one seg layer per decoder stage; the last is it)."""
+    heads = [k for k in weights if ".seg_layers." in f".{k}" and k.endswith(".weight")]
+    return max(heads, key=lambda k: int(k.split(".seg_layers.")[1].split(".")[0]))
 
 
 def zip_model(folder: Path, archive: Path, method: int = zipfile.ZIP_STORED) -> Path:
@@ -191,7 +193,7 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "init_args a list": (damaged_model(lambda f: edit_checkpoint(
         f, lambda c: c.update(init_args=["3d_fullres"]))), "init_args"),
     "seg_layers weight an int": (damaged_model(lambda f: edit_checkpoint(
-        f, lambda c: c["network_weights"].update({first_seg_layer(c["network_weights"]): 5}))),
+        f, lambda c: c["network_weights"].update({last_seg_layer(c["network_weights"]): 5}))),
         "not a tensor"),
     "patch_size text": (damaged_model(lambda f: edit_json(
         f / "plans.json", lambda p: p["configurations"]["3d_fullres"].update(patch_size="big"))),
@@ -207,8 +209,9 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     # versions: ASCII digits only ('²'.isdigit() is True but int('²') fails; '١' was version 1)
     "version superscript": (lambda w: ["models", "activate", "tiny@²"], "invalid version"),
     "version arabic-indic": (lambda w: ["models", "activate", "tiny@١"], "invalid version"),
-    "version fullwidth": (lambda w: ["segment", str(w.ct_file()), str(w.tmp / "o.nii.gz"),
-                                     "--model", "tiny@２"], "invalid version"),
+    "version fullwidth": (lambda w: ["models", "activate", "tiny@１"], "invalid version"),
+    "version fullwidth: segment": (lambda w: ["segment", str(w.ct_file()), str(w.tmp / "o.nii.gz"),
+                                              "--model", "tiny@２"], "invalid version"),
     # damaged state.json / version.json / case.json: say which file and how to repair
     "state garbage: segment": (after(write_file(STATE, "garbage{"), segment), "models activate tiny@"),
     "state garbage: rollback": (after(write_file(STATE, "garbage{"), lambda w: ["models", "rollback", "tiny"]),
@@ -220,8 +223,10 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "version garbage: segment": (after(write_file(VERSION, "{"), segment), "version.json"),
     "version garbage: activate": (after(write_file(VERSION, "{"), lambda w: ["models", "activate", "tiny@1"]),
                                   "version.json"),
+    "version a list: segment": (after(write_file(VERSION, "[]"), segment), "JSON object"),
+    # "no" is truthy: the old code would have loaded the checkpoint as trusted (unpickling code)
     "version typed: segment": (after(lambda w: edit_json(w.home / VERSION, lambda v: v.update(
-        metrics={"dice_after": "high"})), segment), "'dice_after'"),
+        trusted_checkpoint="no")), segment), "'trusted_checkpoint'"),
     "version typed: adapt": (after(lambda w: edit_json(w.home / VERSION, lambda v: v.update(labels=[0, 1])),
                                    adapt), "'labels'"),
     "case garbage: cases add": (after(write_file(CASE, "\x00\x01"), lambda w: w.case_args()),
@@ -254,16 +259,21 @@ def test_models_list_lists_what_it_can_and_marks_damage(work, capsys):
     `versions()` (which stops at the first damaged file with a traceback)."""
     store = ModelStore(work.home / "models")
     store.install(work.model, name="tiny", show_progress=False)  # tiny@2
+    store.install(work.model, name="tiny", show_progress=False)  # tiny@3
     (work.home / STATE).write_text("garbage{")
     (work.home / VERSION).write_text('{"parent": "one"}')
+    edit_json(work.home / "models/tiny/versions/2/version.json",
+              lambda v: v.update(metrics={"dice_after": "high"}))
     code, out, err = run_main(capsys, work.home, "models", "list")
     assert code == 0 and "Traceback" not in err, err
     damaged = [line for line in out.splitlines() if "! damaged" in line]
     listed = [line for line in out.splitlines() if line not in damaged]
-    assert any("tiny@2" in line for line in listed) and not any("tiny@1" in line for line in listed)
-    assert len(damaged) == 2, out
+    assert any("tiny@3" in line for line in listed)
+    assert not any("tiny@1" in line or "tiny@2" in line for line in listed)
+    assert len(damaged) == 3, out
     assert any("state.json" in line and "models activate tiny@N" in line for line in damaged)
-    assert any("version.json" in line and "'parent'" in line for line in damaged)
+    assert any("versions/1/version.json" in line and "'parent'" in line for line in damaged)
+    assert any("versions/2/version.json" in line and "'dice_after'" in line for line in damaged)
 
 
 def test_activate_repairs_a_garbage_state(work, capsys):
@@ -287,18 +297,23 @@ def test_install_onto_a_damaged_state_publishes_nothing(work, capsys):
 
 
 def test_cases_remove_and_list_survive_a_garbage_case(work, capsys):
-    """`cases list` lists the good cases and names the damaged one on stderr; `cases remove`
-    removes a case whose case.json is garbage (the repair the messages name)."""
+    """`cases list` lists the good cases and names each damaged one (garbage, or a volume that is
+    text, which crashed the table's number format) on stderr; `cases remove` removes a case whose
+    case.json is garbage (the repair the messages name). Catches `list` reading strictly, and
+    `remove` loading case.json before removing."""
     library = CaseLibrary(work.home / "cases")
-    ct = make_ct(seed=3)
-    library.add(ct, sitk.Cast(sitk.BinaryThreshold(ct, 60, 100), sitk.sitkUInt8), case_id="good")
+    for seed, case_id in ((3, "good"), (4, "typed")):
+        ct = make_ct(seed=seed)
+        library.add(ct, sitk.Cast(sitk.BinaryThreshold(ct, 60, 100), sitk.sitkUInt8), case_id=case_id)
     (work.home / CASE).write_text("garbage{")
+    edit_json(work.home / "cases/typed/case.json", lambda c: c.update(label_volume_mm3="x"))
     code, out, err = run_main(capsys, work.home, "cases", "list")
-    assert code == 0 and "good" in out and "case-0001" not in out, (out, err)
-    assert "case-0001" in err and "Traceback" not in err
-    code, out, err = run_main(capsys, work.home, "cases", "remove", "case-0001")
-    assert code == 0, err
-    assert not (work.home / "cases" / "case-0001").exists()
+    assert code == 0 and "good" in out and "case-0001" not in out and "typed" not in out, (out, err)
+    assert "case-0001" in err and "'label_volume_mm3'" in err and "Traceback" not in err
+    for case_id in ("case-0001", "typed"):
+        code, out, err = run_main(capsys, work.home, "cases", "remove", case_id)
+        assert code == 0, err
+        assert not (work.home / "cases" / case_id).exists()
     assert [r.id for r in library.list()] == ["good"]
 
 

@@ -280,8 +280,8 @@ class ModelStore:
 
     def _load_version(self, name: str, number: int) -> ModelVersion:
         path = self.root / name / "versions" / str(number)
-        repair = (f"move the folder {path} out of the store (or restore its {VERSION_FILE}) to "
-                  f"drop the damaged version {name}@{number}")
+        repair = (f"fix or restore that file, or move the folder {path} out of the store to drop "
+                  f"version {name}@{number}")
         metadata = read_json_object(path / VERSION_FILE, repair, VERSION_FIELDS)
         check_fields(metadata.get("metrics") or {}, path / VERSION_FILE, METRIC_FIELDS,
                                 repair)
