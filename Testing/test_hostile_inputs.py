@@ -204,6 +204,9 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "patch_size not divisible": (damaged_model(lambda f: edit_json(
         f / "plans.json", lambda p: p["configurations"]["3d_fullres"].update(patch_size=[33, 64, 64]))),
         "divisible"),
+    # a line break in a file name must not break the one-line contract
+    "file name with a line break": (lambda w: ["segment", str(w.tmp / "no\nsuch.nii.gz"),
+                                               str(w.tmp / "o.nii.gz")], "not found"),
     # URLs
     "url unclosed bracket": (lambda w: ["models", "install", "http://[::1/x.zip"], "invalid URL"),
     # versions: ASCII digits only ('²'.isdigit() is True but int('²') fails; '١' was version 1)
@@ -241,9 +244,14 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
 
 @pytest.mark.parametrize("probe", list(PROBES))
 def test_probe_ends_in_one_clear_line_and_changes_nothing(probe, work, capsys):
-    """Each row was a traceback with exit 1 (or, for '١', a silent exit 0) on main at 6a21268;
-    e.g. dropping the init_args type check or the patch_size check, catching only
-    BadZipFile in extraction, or going back to str.isdigit() for versions makes its row fail."""
+    """On main at 6a21268 most rows ended in a traceback and exit 1; the others answered wrongly:
+    exit 0 for the bad patch_size (segment crashed later), '١'/'１' (taken as 1), a version.json
+    or case.json of the wrong types (adapt submitted a job that would fail), and two lines of
+    stderr for a file name holding a line break. Mutations checked by hand, each failing its rows:
+    no compression-method check, no zlib.error in extraction, no init_args / weights / label /
+    regions checks, no _check_configuration, str.isdigit() for versions, no check_url, no
+    object/field/UTF-8 checks in read_json_object, int(Content-Length), no HTTPException in the
+    download, and no one_line() in cli.main."""
     setup, fragment = PROBES[probe]
     args = setup(work)
     before = tree_snapshot(work.home)
