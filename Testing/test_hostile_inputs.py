@@ -467,7 +467,7 @@ def test_before_stop_hook_probes_on_a_garbage_state(tmp_path):
     if demo_zip is None:
         pytest.skip("no demo model zip")
     home = tmp_path / "home"
-    run_cli("models", "install", str(demo_zip), home=home, check_rc=0)
+    ModelStore(home / "models").install(demo_zip, show_progress=False)
     for state in (home / "models").glob("*/state.json"):
         state.write_text("garbage{\n")
     junk = tmp_path / "junk.nii.gz"

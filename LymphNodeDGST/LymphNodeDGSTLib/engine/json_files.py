@@ -39,7 +39,8 @@ OPTIONAL_POSITIVE_INT = Expect(lambda v: v is None or (_is_int(v) and v >= 1),
 POSITIVE_INT_LIST = Expect(lambda v: isinstance(v, list) and all(_is_int(x) and x >= 1 for x in v),
                            "a list of whole numbers >= 1")
 NUMBER = Expect(_is_number, "a finite number")
-OPTIONAL_NUMBER = Expect(lambda v: v is None or _is_number(v), "a finite number or null")
+OPTIONAL_NUMBER = Expect(lambda v: v is None or _is_int(v) or isinstance(v, float),
+                         "a number or null")  # NaN allowed: a metric may be undefined
 NUMBER_LIST = Expect(lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
                      "a list of numbers")
 TEXT = Expect(lambda v: isinstance(v, str), "a text string")

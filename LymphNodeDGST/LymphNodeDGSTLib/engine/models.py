@@ -189,7 +189,8 @@ class ModelStore:
         parse_model_spec(name)
         results_folder = Path(results_folder)
         info = info or validate_results_folder(results_folder)
-        first_version = self.active_version(name) is None  # a damaged state.json stops us here
+        # read before publishing: a damaged state.json stops the install before versions/N appears
+        first_version = activate_if_first and self.active_version(name) is None
         versions_dir = self.root / name / "versions"
         versions_dir.mkdir(parents=True, exist_ok=True)
         with staging_folder(versions_dir, ".new-") as staged:
@@ -208,7 +209,7 @@ class ModelStore:
                 **metadata,
             }
             number = self._publish(staged, versions_dir, record)
-        if activate_if_first and first_version:
+        if first_version:
             self.activate(name, number)
         return self._load_version(name, number)
 
