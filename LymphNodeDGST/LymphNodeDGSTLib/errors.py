@@ -38,8 +38,8 @@ _ENVIRONMENT_HINTS = {
     errno.ENOSPC: "free some space (or choose another folder) and run the command again",
     errno.EDQUOT: "free some space within your quota and run the command again",
     errno.EROFS: "the file system is read-only; choose a writable folder (--home, or another output)",
-    errno.EACCES: "no permission; choose a folder you may write to",
-    errno.EPERM: "operation not permitted; choose a folder you may write to",
+    errno.EACCES: "no permission; choose files and folders you may use",
+    errno.EPERM: "operation not permitted; choose files and folders you may use",
 }
 
 

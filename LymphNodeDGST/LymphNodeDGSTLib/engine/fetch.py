@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
+from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError, environment_problem
 
 CHUNK = 1 << 20
 # Compression methods Python's zipfile reads without optional modules; others are refused up front.
@@ -162,6 +162,10 @@ def extract_zip_safely(archive: Path, destination: Path,
                         shutil.copyfileobj(source, sink, CHUNK)
                 if progress:
                     progress(index + 1, len(members))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError,
                 NotImplementedError) as error:  # bad CRC, bad deflate data, truncated entry
+            raise ModelValidationError(f"{archive}: corrupt zip archive ({error})") from None
+        except OSError as error:
+            if environment_problem(error) is not None:  # a full disk is not a corrupt archive
+                raise
             raise ModelValidationError(f"{archive}: corrupt zip archive ({error})") from None
