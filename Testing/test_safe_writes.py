@@ -110,7 +110,7 @@ def test_cli_segment_onto_a_full_disk_exits_1_and_keeps_the_earlier_file(
     fill_up(small_disk)
     status = cli.main(["--home", str(installed_home), "segment", str(source), str(output), "--fast"])
     err = capsys.readouterr().err
-    assert status == 1 and "lndgst: error: cannot write" in err and "Traceback" not in err, err
+    assert status == 2 and "lndgst: error: cannot write" in err and "Traceback" not in err, err
     assert output.read_bytes() == earlier and others_in(small_disk, output.name) == []
 
 
@@ -133,7 +133,7 @@ def test_cases_add_onto_a_full_disk_leaves_the_library_unchanged(tmp_path, small
     status = cli.main(["--home", str(home), "cases", "add", str(tmp_path / "ct.nrrd"),
                        str(tmp_path / "label.nrrd")])
     err = capsys.readouterr().err
-    assert status == 1 and "lndgst: error: cannot write" in err and "Traceback" not in err, err
+    assert status == 2 and "lndgst: error: cannot write" in err and "Traceback" not in err, err
     after = {p: p.read_bytes() for p in (home / "cases").rglob("*") if p.is_file()}
     assert after == before and [r.id for r in library.list()] == ["first"]
 

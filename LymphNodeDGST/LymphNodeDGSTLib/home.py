@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = "~/.lymphnode-dgst"
+# Kernel file systems: they look like folders but cannot hold our files.
+VIRTUAL_FILE_SYSTEMS = (Path("/proc"), Path("/sys"))
 
 
 @dataclass(frozen=True)
@@ -37,3 +39,17 @@ def resolve_home(explicit: str | os.PathLike | None = None) -> Home:
     """The home chosen by argument, environment or default (not created here)."""
     raw = explicit or os.environ.get("LNDGST_HOME") or DEFAULT_HOME
     return Home(Path(raw).expanduser().resolve())
+
+
+def home_problem(home: Home) -> str | None:
+    """Why `home` cannot be a home (a file, inside /proc or /sys), or None. A home that does not
+    exist yet is fine: it is created on first write."""
+    root = home.root
+    if any(root == top or top in root.parents for top in VIRTUAL_FILE_SYSTEMS):
+        return f"home {root} is inside a kernel file system; choose a folder on a disk"
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return f"home {root}: {folder} is a file, not a folder; choose another home"
+            return None
+    return None

@@ -32,11 +32,17 @@ from LymphNodeDGSTLib.engine.image_integrity import check_finite_voxels
 from LymphNodeDGSTLib.engine.images import (check_3d_scalar, ct_range_warning, read_image,
                                             write_verified_image)
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
+from LymphNodeDGSTLib.engine.json_files import (NUMBER, NUMBER_LIST, POSITIVE_INT_LIST, TEXT,
+                                                TEXT_LIST, read_json_object)
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch
 GENERATED_ID = re.compile(r"^case-(\d+)$")
 IMAGE_FILE, LABEL_FILE, CASE_FILE = "image.nii.gz", "label.nii.gz", "case.json"
 STAGING_PREFIX, TRASH_PREFIX = ".staging-", ".trash-"
+# The fields of case.json that the library and its faces read.
+CASE_FIELDS = {"id": TEXT, "added": TEXT, "image_sha256": TEXT, "size": POSITIVE_INT_LIST,
+               "spacing": NUMBER_LIST, "label_voxels": NUMBER, "label_volume_mm3": NUMBER,
+               "notes": TEXT_LIST}
 
 # Grids whose voxel centres agree within this (in voxels) are the same grid (header rounding).
 SAME_GRID_VOXELS = 1e-3
@@ -76,14 +82,28 @@ class CaseLibrary:
         return len(self.list())
 
     def list(self) -> list[CaseRecord]:
-        """The complete cases, sorted by id (staging and trash folders are never listed)."""
+        """The complete cases, sorted by id (staging and trash folders are never listed).
+
+        A damaged case.json raises, naming the case and how to remove it: training on or
+        deduplicating against a library with an unreadable case would be silently wrong.
+        """
+        return [self._load(case_id) for case_id in self._case_ids()]
+
+    def survey(self) -> tuple[list[CaseRecord], list[str]]:
+        """For listings: the cases that load, and one message per damaged case."""
+        records, problems = [], []
+        for case_id in self._case_ids():
+            try:
+                records.append(self._load(case_id))
+            except UserInputError as damaged:
+                problems.append(str(damaged))
+        return records, problems
+
+    def _case_ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        records = []
-        for folder in sorted(self.root.iterdir(), key=lambda p: p.name):
-            if ID_PATTERN.match(folder.name) and (folder / CASE_FILE).is_file():
-                records.append(self._load(folder.name))
-        return records
+        return sorted(folder.name for folder in self.root.iterdir()
+                      if ID_PATTERN.fullmatch(folder.name) and (folder / CASE_FILE).is_file())
 
     def get(self, case_id: str) -> CaseRecord:
         validate_case_id(case_id)
@@ -93,10 +113,14 @@ class CaseLibrary:
         return self._load(case_id)
 
     def remove(self, case_id: str) -> None:
-        """Remove a case: it disappears from the library at once (rename), then is deleted."""
-        record = self.get(case_id)
+        """Remove a case: it disappears from the library at once (rename), then is deleted.
+        A case whose case.json is damaged is removed too (that is its repair)."""
+        validate_case_id(case_id)
+        folder = self.root / case_id
+        if not (folder / CASE_FILE).exists():
+            self.get(case_id)  # raises "no case ..."
         trash = self.root / f"{TRASH_PREFIX}{case_id}-{uuid.uuid4().hex[:12]}"
-        os.rename(record.folder, trash)
+        os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
     def add(self, image: sitk.Image | str | os.PathLike, label: sitk.Image | str | os.PathLike,
@@ -187,12 +211,13 @@ class CaseLibrary:
 
     def _load(self, case_id: str) -> CaseRecord:
         folder = self.root / case_id
-        metadata = json.loads((folder / CASE_FILE).read_text(encoding="utf-8"))
+        metadata = read_json_object(folder / CASE_FILE, f"remove the damaged case with 'lndgst "
+                                    f"cases remove {case_id}' (and add it again)", CASE_FIELDS)
         return CaseRecord(case_id, folder, folder / IMAGE_FILE, folder / LABEL_FILE, metadata)
 
 
 def validate_case_id(case_id: str) -> str:
-    if not isinstance(case_id, str) or not ID_PATTERN.match(case_id):
+    if not isinstance(case_id, str) or not ID_PATTERN.fullmatch(case_id):
         raise UserInputError(f"invalid case id '{case_id}': use 1 to 64 letters, digits, '_' or '-'")
     return case_id
 

@@ -42,7 +42,9 @@ def handle(args: argparse.Namespace, home: Home) -> int:
             print(f"lndgst: note: {note}", file=sys.stderr)
         print(record.id)
     elif command == "list":
-        records = library.list()
+        records, problems = library.survey()
+        for problem in problems:  # the readable cases are still listed
+            print(f"lndgst: damaged case: {problem}", file=sys.stderr)
         if args.json:
             print(json.dumps([{**r.metadata, "folder": str(r.folder)} for r in records], indent=2))
         else:

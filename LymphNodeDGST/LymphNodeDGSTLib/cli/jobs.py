@@ -38,7 +38,9 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         print_job(info)
         if args.events:
             print("events:")
-            print((info.folder / EVENTS_FILE).read_text(encoding="utf-8"), end="")
+            # The worker writes UTF-8; a damaged byte is shown as U+FFFD rather than stopping.
+            raw = (info.folder / EVENTS_FILE).read_bytes() if (info.folder / EVENTS_FILE).exists() else b""
+            print(raw.decode("utf-8", errors="replace"), end="")
     elif command == "cancel":
         before = manager.get(args.id)
         if before.state != "running":

@@ -1,12 +1,13 @@
 """The `lndgst` command line (also `python -m LymphNodeDGSTLib`).
 
-Exit status: 0 success; 2 bad input or usage (one clear line on stderr, nothing written);
-1 unexpected failure.
+Exit status: 0 success; 2 bad input or usage, or a file system the user must fix (full, read-only,
+no permission): one clear line on stderr, nothing written; 1 unexpected failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 from types import ModuleType
@@ -15,8 +16,9 @@ from typing import Sequence
 from LymphNodeDGSTLib.cli import adapt, bench, cases, cohort, demo, jobs, models, phantom, segment
 from LymphNodeDGSTLib.cli.options import CommandParser
 from LymphNodeDGSTLib.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,  # noqa: F401 (re-exported)
-                                     Cancelled, OutOfMemory, UserInputError, WriteFailed)
-from LymphNodeDGSTLib.home import resolve_home
+                                     Cancelled, OutOfMemory, UserInputError, WriteFailed,
+                                     environment_problem)
+from LymphNodeDGSTLib.home import home_problem, resolve_home
 
 # Each command group: a module with COMMAND, register(subparsers) and handle(args, home), in the
 # order `lndgst --help` lists them.
@@ -47,10 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserInputError("--home is empty; give a folder (or leave --home out to use "
                                  "$LNDGST_HOME or ~/.lymphnode-dgst)")
         home = resolve_home(args.home)
+        problem = home_problem(home)
+        if problem:
+            raise UserInputError(problem + " (--home DIR or $LNDGST_HOME)")
         handlers = {group.COMMAND: group.handle for group in COMMAND_GROUPS}
         return handlers[args.command](args, home)
     except UserInputError as error:
-        print(f"lndgst: error: {error}", file=sys.stderr)
+        print(f"lndgst: error: {one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except Cancelled as error:
         print(f"lndgst: {error}", file=sys.stderr)
@@ -58,17 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutOfMemory as error:
         print(f"lndgst: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    except WriteFailed as error:
-        print(f"lndgst: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+    except WriteFailed as error:  # a full disk is the user's to fix, like bad input: exit 2
+        print(f"lndgst: error: {one_line(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("lndgst: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - last resort: say it is a bug, keep the traceback
+    except Exception as error:  # noqa: BLE001 - last resort: say it is a bug, keep the traceback
+        problem = environment_problem(error)
+        if problem is not None:  # a full disk or read-only folder is the user's to fix
+            print(f"lndgst: error: {one_line(problem)}", file=sys.stderr)
+            return EXIT_USAGE
         traceback.print_exc()
         print("lndgst: unexpected failure (a bug: please report it with the lines above)",
               file=sys.stderr)
         return EXIT_FAILURE
+
+
+def one_line(message: str) -> str:
+    """The exit-2 contract is one line: text from outside (a server's reply, a file name) may
+    hold line breaks."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", message).strip()
 
 
 if __name__ == "__main__":

@@ -45,10 +45,12 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         if not names:
             print("no models installed")
         for name in names:
-            active = store.active_version(name)
+            active, versions, problems = store.survey(name)
             print(name)
-            for version in store.versions(name):
+            for version in versions:
                 print("  " + format_version_line(version, active))
+            for problem in problems:  # listed, not fatal: `list` is where a user looks first
+                print(f"  ! damaged: {problem}")
     elif command == "activate":
         name, number = parse_model_spec(args.spec)
         if number is None:

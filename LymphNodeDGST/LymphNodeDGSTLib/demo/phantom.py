@@ -298,6 +298,9 @@ def write_phantoms(out_dir: str | os.PathLike, site: str, n: int, seed: int) -> 
     manifest_path = out / MANIFEST_NAME
     entries = _read_manifest_entries(manifest_path)
     out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):  # SimpleITK would fail late, with noise on stderr
+        raise UserInputError(f"phantom output folder {out} is not writable (read-only file "
+                             "system or no permission); choose another folder")
 
     written: list[tuple[Path, Path]] = []
     for case_seed in range(seed, seed + n):

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
+from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError, environment_problem
 
 CHUNK = 1 << 20
 # Bounds on what an archive may unpack to: nnU-Net results folders are mostly incompressible
@@ -23,10 +26,23 @@ MAX_EXTRACTED_BYTES = 32 << 30
 MAX_COMPRESSION_RATIO = 200
 # Free space kept when checking whether an archive fits.
 FREE_SPACE_MARGIN = 64 << 20
+# Compression methods Python's zipfile reads without optional modules; others are refused up front.
+SUPPORTED_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 
 
 def is_url(source: str) -> bool:
     return source.lower().startswith(("http://", "https://"))
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL that cannot be fetched as written (bad host, brackets, port) before any work."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises on a bad port number
+    except ValueError as error:
+        raise UserInputError(f"invalid URL {url!r}: {error}") from None
+    if not host:
+        raise UserInputError(f"invalid URL {url!r}: it names no host")
 
 
 def download(url: str, destination: Path, sha256: str | None = None, show_progress: bool = True,
@@ -36,6 +52,7 @@ def download(url: str, destination: Path, sha256: str | None = None, show_progre
     The final name appears only once the download is complete (and verified, when `sha256` is
     given), so an interrupted download never looks like a finished one.
     """
+    check_url(url)
     partial = destination.with_name(destination.name + ".part")
     offset = partial.stat().st_size if partial.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
@@ -47,25 +64,48 @@ def download(url: str, destination: Path, sha256: str | None = None, show_progre
         raise UserInputError(f"download failed: {url}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError) as error:
         raise UserInputError(f"download failed: {url}: {getattr(error, 'reason', error)}") from None
+    except (http.client.HTTPException, ValueError) as error:  # e.g. a reply that is not HTTP
+        raise UserInputError(f"download failed: {url}: not a valid HTTP reply "
+                             f"({type(error).__name__}: {str(error).strip()[:80]!r})") from None
     with response:
         resumed = offset and response.status == 206
         mode = "ab" if resumed else "wb"
-        length = response.headers.get("Content-Length")
-        total = (int(length) + (offset if resumed else 0)) if length else None
+        length = _content_length(response, url)
+        total = (length + (offset if resumed else 0)) if length is not None else None
         with open(partial, mode) as handle, tqdm(total=total, initial=offset if resumed else 0,
                                                  unit="B", unit_scale=True, desc="download",
                                                  disable=not (show_progress and sys.stderr.isatty())) as bar:
-            try:
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    handle.write(block)
-                    bar.update(len(block))
-            except OSError as error:
-                raise UserInputError(f"download interrupted: {url}: {error}; run the same "
-                                     "command again to resume") from None
+            for block in _blocks(response, url):
+                handle.write(block)
+                bar.update(len(block))
     if total is not None and partial.stat().st_size != total:
         raise UserInputError(f"download incomplete: {url} ({partial.stat().st_size} of {total} "
                              "bytes); run the same command again to resume")
     return _finish(partial, destination, sha256)
+
+
+def _content_length(response: http.client.HTTPResponse, url: str) -> int | None:
+    length = response.headers.get("Content-Length")
+    if length is None:
+        return None
+    if not (length.strip().isascii() and length.strip().isdigit()):
+        raise UserInputError(f"download failed: {url}: the server sent an invalid Content-Length "
+                             f"({length[:40]!r})")
+    return int(length)
+
+
+def _blocks(response: http.client.HTTPResponse, url: str) -> Iterator[bytes]:
+    """The body in blocks; a connection that breaks (mid-body, mid-chunk) is a user-facing error.
+    Only reading is guarded here: a failed write (a full disk) is not a network problem."""
+    while True:
+        try:
+            block = response.read(CHUNK)
+        except (http.client.HTTPException, OSError) as error:  # IncompleteRead, reset, timeout
+            raise UserInputError(f"download interrupted: {url}: {type(error).__name__}; run the "
+                                 "same command again to resume") from None
+        if not block:
+            return
+        yield block
 
 
 def _finish(partial: Path, destination: Path, sha256: str | None) -> Path:
@@ -139,6 +179,11 @@ def extract_zip_safely(archive: Path, destination: Path,
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 raise ModelValidationError(f"{archive}: refused, entry '{member.filename}' is a "
                                            "symbolic link")
+            if member.compress_type not in SUPPORTED_ZIP_METHODS:
+                raise ModelValidationError(
+                    f"{archive}: entry '{member.filename}' uses zip compression method "
+                    f"{member.compress_type}, which is not supported; re-create the archive with "
+                    f"the ordinary {' or '.join(SUPPORTED_ZIP_METHODS.values())} method")
         if wanted is not None:
             members = [m for m in members if wanted(m.filename.replace("\\", "/"))]
         check_extracted_size(archive, [m for m in members if not m.is_dir()], destination)
@@ -153,5 +198,10 @@ def extract_zip_safely(archive: Path, destination: Path,
                         shutil.copyfileobj(source, sink, CHUNK)
                 if progress:
                     progress(index + 1, len(members))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError,
+                NotImplementedError) as error:  # bad CRC, bad deflate data, truncated entry
+            raise ModelValidationError(f"{archive}: corrupt zip archive ({error})") from None
+        except OSError as error:
+            if environment_problem(error) is not None:  # a full disk is not a corrupt archive
+                raise
             raise ModelValidationError(f"{archive}: corrupt zip archive ({error})") from None

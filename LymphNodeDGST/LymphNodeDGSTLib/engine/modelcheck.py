@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.errors import ModelValidationError
 from LymphNodeDGSTLib.engine.fetch import file_sha256
+from LymphNodeDGSTLib.engine.json_files import read_json_object
+from LymphNodeDGSTLib.errors import ModelValidationError
 
 CHECKPOINT_NAME = "checkpoint_final.pth"
 
@@ -37,16 +38,9 @@ def find_checkpoints(folder: Path) -> dict[str, Path]:
     return found
 
 
-def read_json_file(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ModelValidationError(f"{path.parent}: {what} is missing ({path.name})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelValidationError(f"{path}: {what} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ModelValidationError(f"{path}: {what} must hold a JSON object")
-    return data
+def read_json_file(path: Path) -> dict:
+    return read_json_object(path, "a results folder needs the file as nnU-Net wrote it",
+                            error=ModelValidationError)
 
 
 def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
@@ -55,8 +49,8 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelValidationError(f"not a folder: {folder}")
-    dataset_json = read_json_file(folder / "dataset.json", "dataset.json")
-    plans = read_json_file(folder / "plans.json", "plans.json")
+    dataset_json = read_json_file(folder / "dataset.json")
+    plans = read_json_file(folder / "plans.json")
     labels = _check_dataset_json(folder, dataset_json)
     if not isinstance(plans.get("configurations"), dict) or not plans["configurations"]:
         raise ModelValidationError(f"{folder}/plans.json: no 'configurations'")
@@ -71,9 +65,13 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
     for fold, path in checkpoints.items():
         checkpoint = load_checkpoint(path, trust=trust)
         hashes[fold] = file_sha256(path)
+        _check_weights(path, checkpoint["network_weights"])
         init_args = checkpoint.get("init_args") or {}
+        if not isinstance(init_args, dict):
+            raise ModelValidationError(f"{path}: the checkpoint's 'init_args' must be a dictionary "
+                                       f"(nnU-Net's trainer arguments), not {type(init_args).__name__}")
         named = init_args.get("configuration")
-        if not named:
+        if not named or not isinstance(named, str):
             raise ModelValidationError(f"{path}: checkpoint does not name its configuration")
         if named not in plans["configurations"]:
             raise ModelValidationError(
@@ -83,6 +81,7 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
             raise ModelValidationError(f"{folder}: folds were trained with different "
                                        f"configurations ({configuration}, {named})")
         configuration = named
+        _check_configuration(folder, plans["configurations"][named], named)
         trainer_name = str(checkpoint.get("trainer_name", "nnUNetTrainer"))
         _check_head(path, checkpoint["network_weights"], labels, dataset_json)
         if weights_of_first is None:
@@ -99,14 +98,81 @@ def _check_dataset_json(folder: Path, dataset_json: dict) -> dict:
     labels = dataset_json.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise ModelValidationError(f"{folder}/dataset.json: no 'labels'")
-    if labels.get("background") != 0:
+    if labels.get("background") != 0 or isinstance(labels.get("background"), bool):
         raise ModelValidationError(f"{folder}/dataset.json: labels must map 'background' to 0")
+    for name, value in labels.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_is_int(v) and v >= 0 for v in values):
+            raise ModelValidationError(
+                f"{folder}/dataset.json: label '{name}' is {value!r}; a label value is a whole "
+                "number >= 0 (or, for region training, a list of them)")
+    regions = [v for v in labels.values() if isinstance(v, list) and len(v) > 1]
+    order = dataset_json.get("regions_class_order")
+    if regions and not (isinstance(order, list) and all(_is_int(v) for v in order)):
+        raise ModelValidationError(
+            f"{folder}/dataset.json: labels define regions (lists of values) but there is no "
+            "'regions_class_order' list; nnU-Net needs it to turn regions into one label")
+    try:
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+        LabelManager(labels, order if regions else None)
+    except (AssertionError, ValueError, TypeError) as error:
+        raise ModelValidationError(f"{folder}/dataset.json: nnU-Net cannot use these labels "
+                                   f"({error or type(error).__name__})") from None
     channels = dataset_json.get("channel_names") or dataset_json.get("modality")
     if not isinstance(channels, dict) or len(channels) != 1:
         raise ModelValidationError(
             f"{folder}/dataset.json: exactly one input channel (CT) is supported, "
             f"found {len(channels) if isinstance(channels, dict) else 'none'}")
     return labels
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_weights(path: Path, weights: object) -> None:
+    """network_weights must map parameter names to tensors (a state_dict)."""
+    import torch
+
+    if not isinstance(weights, dict):
+        raise ModelValidationError(f"{path}: 'network_weights' is not a state_dict "
+                                   f"(a {type(weights).__name__})")
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelValidationError(f"{path}: network weight '{key}' is not a tensor "
+                                       f"(a {type(value).__name__}); the checkpoint is damaged")
+
+
+def _check_configuration(folder: Path, configuration: object, name: str) -> None:
+    """The parts of a plans.json configuration that only inference reads (so a bad one would pass
+    the network check and crash `segment`): patch size and spacing."""
+    where = f"{folder}/plans.json: configuration '{name}'"
+    if not isinstance(configuration, dict):
+        raise ModelValidationError(f"{where} is not a JSON object")
+    patch, spacing = configuration.get("patch_size"), configuration.get("spacing")
+    if not (isinstance(patch, list) and patch and all(_is_int(p) and p >= 1 for p in patch)):
+        raise ModelValidationError(f"{where}: 'patch_size' must be a list of whole numbers >= 1, "
+                                   f"not {patch!r}")
+    if not (isinstance(spacing, list) and len(spacing) == len(patch)
+            and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                    and s > 0 for s in spacing)):
+        raise ModelValidationError(f"{where}: 'spacing' must be {len(patch)} positive numbers "
+                                   f"(one per patch_size axis), not {spacing!r}")
+    arch = (configuration.get("architecture") or {}).get("arch_kwargs") or {}
+    conv_op = str(arch.get("conv_op", ""))
+    dims = 3 if conv_op.endswith("Conv3d") else 2 if conv_op.endswith("Conv2d") else len(patch)
+    if len(patch) != dims:
+        raise ModelValidationError(f"{where}: 'patch_size' {patch} has {len(patch)} axes but the "
+                                   f"network is {dims}D")
+    strides = arch.get("strides")
+    if isinstance(strides, list) and all(isinstance(s, (list, int)) for s in strides):
+        total = [1] * dims
+        for stage in strides:
+            for axis, step in enumerate(stage if isinstance(stage, list) else [stage] * dims):
+                total[axis] *= step if _is_int(step) and step > 0 else 1
+        if any(p % t for p, t in zip(patch, total)):
+            raise ModelValidationError(f"{where}: 'patch_size' {patch} is not divisible by the "
+                                       f"network's total downsampling {total}")
 
 
 def _check_head(path: Path, weights: dict, labels: dict, dataset_json: dict) -> None:
@@ -117,7 +183,8 @@ def _check_head(path: Path, weights: dict, labels: dict, dataset_json: dict) -> 
                    key=_seg_layer_index)
     if not heads:
         raise ModelValidationError(f"{path}: network weights have no seg_layers (not an nnU-Net network?)")
-    outputs = int(weights[heads[-1]].shape[0])
+    head = weights[heads[-1]]
+    outputs = int(head.shape[0]) if head.dim() else 0
     if outputs != expected:
         raise ModelValidationError(
             f"{path}: the network predicts {outputs} classes but dataset.json defines {expected} "

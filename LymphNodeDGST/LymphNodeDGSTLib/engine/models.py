@@ -22,18 +22,30 @@ from pathlib import Path
 
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
-from LymphNodeDGSTLib.engine.fetch import download, extract_zip_safely, is_url, verify_sha256
+from LymphNodeDGSTLib.engine.fetch import (check_url, download, extract_zip_safely, is_url,
+                                           verify_sha256)
+from LymphNodeDGSTLib.engine.json_files import (BOOLEAN, OBJECT, OPTIONAL_NUMBER, OPTIONAL_OBJECT,
+                                                OPTIONAL_POSITIVE_INT, OPTIONAL_TEXT, POSITIVE_INT,
+                                                POSITIVE_INT_LIST, TEXT, check_fields,
+                                                read_json_object)
 from LymphNodeDGSTLib.engine.modelcheck import (CHECKPOINT_NAME, ResultsFolderInfo, find_checkpoints,
                                                 validate_results_folder)
 from LymphNodeDGSTLib.engine.processes import owner_alive, owner_tag
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: ASCII only
+VERSION_PATTERN = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes '²' and '١'
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 DOWNLOADS = ".downloads"
 INSTALL_PREFIX, NEW_PREFIX = ".install-", ".new-"
 # Version numbers tried when publishing before giving up (each taken one moves on to the next).
 PUBLISH_TRIES = 100
-VERSION_FILE = "version.json"
+VERSION_FILE, STATE_FILE = "version.json", "state.json"
+STATE_FIELDS = {"active": OPTIONAL_POSITIVE_INT, "history": POSITIVE_INT_LIST}
+# The fields of version.json that the store and its faces read.
+VERSION_FIELDS = {"parent": OPTIONAL_POSITIVE_INT, "created": TEXT, "method": OPTIONAL_TEXT,
+                  "metrics": OPTIONAL_OBJECT, "labels": OBJECT, "trusted_checkpoint": BOOLEAN,
+                  "checkpoint_sha256": OBJECT, "configuration": TEXT, "version": POSITIVE_INT}
+METRIC_FIELDS = {"dice_before": OPTIONAL_NUMBER, "dice_after": OPTIONAL_NUMBER}
 RESULTS_FILES = ("dataset.json", "plans.json")
 
 
@@ -58,11 +70,11 @@ class ModelVersion:
 def parse_model_spec(spec: str) -> tuple[str, int | None]:
     """'NAME' -> (NAME, None); 'NAME@3' -> (NAME, 3)."""
     name, _, version = spec.partition("@")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise UserInputError(f"invalid model name '{name}': use letters, digits, '_', '-', '.'")
     if not version:
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not VERSION_PATTERN.fullmatch(version) or int(version) < 1:
         raise UserInputError(f"invalid version in '{spec}': versions are 1, 2, 3, ...")
     return name, int(version)
 
@@ -78,11 +90,27 @@ class ModelStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and NAME_PATTERN.match(p.name) and (p / "versions").is_dir()
+                      if p.is_dir() and NAME_PATTERN.fullmatch(p.name) and (p / "versions").is_dir()
                       and self._version_numbers(p.name))
 
     def versions(self, name: str) -> list[ModelVersion]:
         return [self._load_version(name, n) for n in self._version_numbers(name)]
+
+    def survey(self, name: str) -> tuple[int | None, list[ModelVersion], list[str]]:
+        """For listings: the active version, the versions that load, and one message per damaged
+        file (state.json, a version.json) instead of stopping at the first."""
+        problems = []
+        try:
+            active = self.active_version(name)
+        except UserInputError as damaged:
+            active, problems = None, [str(damaged)]
+        versions = []
+        for number in self._version_numbers(name):
+            try:
+                versions.append(self._load_version(name, number))
+            except UserInputError as damaged:
+                problems.append(str(damaged))
+        return active, versions, problems
 
     def active_version(self, name: str) -> int | None:
         state = self._read_state(name)
@@ -129,6 +157,8 @@ class ModelStore:
         if scheme and not is_url(source):
             raise UserInputError(f"unsupported URL scheme '{scheme.group(1)}': give an http(s) URL, "
                                  "or download the file and install it from its path")
+        if is_url(source):
+            check_url(source)
         created_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.root, INSTALL_PREFIX)
@@ -196,6 +226,8 @@ class ModelStore:
         parse_model_spec(name)
         results_folder = Path(results_folder)
         info = info or validate_results_folder(results_folder)
+        # read before publishing: a damaged state.json stops the install before versions/N appears
+        first_version = activate_if_first and self.active_version(name) is None
         versions_dir = self.root / name / "versions"
         new_name = not versions_dir.exists()
         versions_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +239,7 @@ class ModelStore:
                 _remove_if_empty(versions_dir)
                 _remove_if_empty(versions_dir.parent)
             raise
-        if activate_if_first and self.active_version(name) is None:
+        if first_version:
             self.activate(name, number)
         return self._load_version(name, number)
 
@@ -234,7 +266,7 @@ class ModelStore:
     def _publish(self, staged: Path, versions_dir: Path, record: dict) -> int:
         """Rename the staged version to the next free number: above every numbered entry, even
         a stray file or an incomplete folder, trying the next one if another process is faster."""
-        taken = [int(p.name) for p in versions_dir.iterdir() if p.name.isdigit()]
+        taken = [int(p.name) for p in versions_dir.iterdir() if VERSION_PATTERN.fullmatch(p.name)]
         number = max(taken, default=0) + 1
         for _ in range(PUBLISH_TRIES):
             record["version"] = number
@@ -253,8 +285,13 @@ class ModelStore:
                              "tries; remove stray entries there")
 
     def activate(self, name: str, version: int) -> ModelVersion:
+        """Make NAME@version the active one; also the repair for a damaged state.json (which is
+        then rewritten with an empty history)."""
         target = self.resolve(f"{name}@{version}")
-        state = self._read_state(name)
+        try:
+            state = self._read_state(name)
+        except UserInputError:
+            state = {}
         current = state.get("active")
         if current != version:
             history = list(state.get("history", []))
@@ -299,21 +336,29 @@ class ModelStore:
         if not folder.is_dir():
             return []
         return sorted(int(p.name) for p in folder.iterdir()
-                      if p.name.isdigit() and (p / VERSION_FILE).is_file())
+                      if VERSION_PATTERN.fullmatch(p.name) and (p / VERSION_FILE).is_file())
 
     def _load_version(self, name: str, number: int) -> ModelVersion:
         path = self.root / name / "versions" / str(number)
-        metadata = json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
+        repair = (f"fix or restore that file, or move the folder {path} out of the store to drop "
+                  f"version {name}@{number}")
+        metadata = read_json_object(path / VERSION_FILE, repair, VERSION_FIELDS)
+        check_fields(metadata.get("metrics") or {}, path / VERSION_FILE, METRIC_FIELDS,
+                                repair)
         return ModelVersion(name, number, path, metadata)
 
     def _read_state(self, name: str) -> dict:
-        path = self.root / name / "state.json"
-        if not path.is_file():
+        """{"active": N, "history": [...]}; {} for a model never activated. A damaged state.json
+        raises, saying that `models activate` rewrites it."""
+        path = self.root / name / STATE_FILE
+        if not path.exists():
             return {}
-        return json.loads(path.read_text(encoding="utf-8"))
+        numbers = ", ".join(map(str, self._version_numbers(name))) or "none"
+        return read_json_object(path, f"repair it by activating a version: 'lndgst models "
+                                      f"activate {name}@N' (versions: {numbers})", STATE_FIELDS)
 
     def _write_state(self, name: str, state: dict) -> None:
-        write_json_atomic(self.root / name / "state.json", state)
+        write_json_atomic(self.root / name / STATE_FILE, state)
 
     def _unpack(self, archive: Path, destination: Path) -> Path:
         destination.mkdir(parents=True, exist_ok=True)

@@ -375,11 +375,12 @@ class ModelRow:
 
 
 def model_rows(store) -> list[ModelRow]:
-    """One row per installed version (a `ModelStore`), models by name, versions in order."""
+    """One row per installed version (a `ModelStore`), models by name, versions in order; a
+    damaged version is left out (`lndgst models list` names it and its repair)."""
     rows = []
     for name in store.names():
-        active = store.active_version(name)
-        for version in store.versions(name):
+        active, versions, _ = store.survey(name)
+        for version in versions:
             meta = version.metadata
             parent = meta.get("parent")
             rows.append(ModelRow(name, version.version, version.version == active,
@@ -424,9 +425,9 @@ class CaseRow:
 
 
 def case_rows(library) -> list[CaseRow]:
-    """One row per case of a `CaseLibrary`."""
+    """One row per readable case of a `CaseLibrary` (`lndgst cases list` names damaged ones)."""
     rows = []
-    for record in library.list():
+    for record in library.survey()[0]:
         meta = record.metadata
         volume = meta.get("label_volume_mm3")
         rows.append(CaseRow(
