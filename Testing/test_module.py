@@ -373,7 +373,11 @@ def test_parameter_node_fields_fit_the_widgets_connectGui_binds():
 
     for name, widget in bound.items():
         annotation = fields[name].annotation
-        default = None if fields[name].value is None else ast.literal_eval(fields[name].value)
+        value = fields[name].value
+        if isinstance(value, ast.Name):  # a default the panel module defines (ADAPT_DEFAULT_METHOD)
+            default = getattr(panel, value.id)
+        else:
+            default = None if value is None else ast.literal_eval(value)
         if isinstance(annotation, ast.Name) and annotation.id.startswith("vtkMRML"):
             assert widget.get("class") == "qMRMLNodeComboBox", name
             types = [s.text for s in ui_property(widget.get("name"), "nodeTypes").iter("string")]
