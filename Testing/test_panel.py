@@ -362,7 +362,10 @@ def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folde
     # The job function itself, in this process (a worker each would cost seconds of imports).
     (tmp_path / "direct").mkdir()
     reporter = Reporter(tmp_path / "direct")
-    assert panel.install_model(params, reporter) == {"version": "mine@2", "active": False}
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(UserInputError, match="already installed as mine@1; choose that version"):
+        panel.install_model(params, Reporter(tmp_path / "refused"))
+    assert panel.install_model({**params, "force": True}, reporter) == {"version": "mine@2", "active": False}
     progress = [e for e in read_events(tmp_path / "direct" / "events.ndjson")[0] if e["type"] == "progress"]
     assert [(e["stage"], e["done"], e["total"]) for e in progress] == [("install", 0, 1), ("install", 1, 1)]
     with pytest.raises(UserInputError, match="not found"):

@@ -49,6 +49,15 @@ METRIC_FIELDS = {"dice_before": OPTIONAL_NUMBER, "dice_after": OPTIONAL_NUMBER}
 RESULTS_FILES = ("dataset.json", "plans.json")
 
 
+class AlreadyInstalled(UserInputError):
+    """The checkpoints being installed are those of an installed version (`ref`)."""
+
+    def __init__(self, ref: str):
+        super().__init__(f"these checkpoints are already installed as {ref}; pass --force to "
+                         "install them again as a new version")
+        self.ref = ref
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One installed version: a results folder nnU-Net can load, plus what we know about it."""
@@ -211,8 +220,7 @@ class ModelStore:
             return
         for version in self.versions(name):
             if version.metadata.get("checkpoint_sha256") == info.checkpoint_sha256:
-                raise UserInputError(f"these checkpoints are already installed as {version.ref}; "
-                                     "pass --force to install them again as a new version")
+                raise AlreadyInstalled(version.ref)
 
     def _download_path(self, url: str) -> Path:
         """A stable place per URL, so an interrupted download resumes where it stopped."""

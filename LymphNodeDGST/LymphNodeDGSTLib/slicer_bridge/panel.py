@@ -760,7 +760,7 @@ def install_model(params: dict, reporter) -> dict:
     """Job function (kind INSTALL_JOB_KIND): install a model from a zip, a folder or a URL in
     the background, so that a download or a large copy never blocks Slicer."""
     from LymphNodeDGSTLib.errors import UnsafeCheckpointError
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.models import AlreadyInstalled, ModelStore
 
     store = ModelStore(Home(Path(params["home"])).models)
     reporter.progress(0, 1, stage="install")
@@ -769,7 +769,10 @@ def install_model(params: dict, reporter) -> dict:
         version = store.install(params["source"], name=params.get("name"),
                                 sha256=params.get("sha256"),
                                 trust_checkpoint=bool(params.get("trust_checkpoint")),
-                                show_progress=False)
+                                show_progress=False, force=bool(params.get("force")))
+    except AlreadyInstalled as error:
+        raise UserInputError(f"These checkpoints are already installed as {error.ref}; choose "
+                             "that version in the model list instead.") from None
     except UnsafeCheckpointError as error:
         raise UserInputError(f"{error} (in Slicer: tick 'Trust checkpoint code' and install "
                              "again)") from None
