@@ -266,8 +266,8 @@ def test_models_list_lists_what_it_can_and_marks_damage(work, capsys):
     and the repair; the good version is still listed. Catches `models list` going back to
     `versions()` (which stops at the first damaged file with a traceback)."""
     store = ModelStore(work.home / "models")
-    store.install(work.model, name="tiny", show_progress=False)  # tiny@2
-    store.install(work.model, name="tiny", show_progress=False)  # tiny@3
+    store.install(work.model, name="tiny", show_progress=False, force=True)  # tiny@2
+    store.install(work.model, name="tiny", show_progress=False, force=True)  # tiny@3
     (work.home / STATE).write_text("garbage{")
     (work.home / VERSION).write_text('{"parent": "one"}')
     edit_json(work.home / "models/tiny/versions/2/version.json",
