@@ -299,7 +299,8 @@ def test_install_onto_a_damaged_state_publishes_nothing(work, capsys):
     `versions/2` appeared (half-installed). Catches reading the state only after publishing."""
     (work.home / STATE).write_text("[]")
     before = tree_snapshot(work.home)
-    code, _, err = run_main(capsys, work.home, "models", "install", str(work.model), "--name", "tiny")
+    code, _, err = run_main(capsys, work.home, "models", "install", str(work.model), "--name", "tiny",
+                            "--force")  # the same checkpoints again: only --force gets past that
     assert_one_clear_line(code, err, "state.json")
     assert tree_snapshot(work.home) == before
 

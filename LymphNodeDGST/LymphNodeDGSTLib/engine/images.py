@@ -9,6 +9,7 @@ replaces the target, so a full disk never leaves an empty or partial label in it
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -151,12 +152,21 @@ def write_verified_image(image: sitk.Image, path: Path, compress: bool = True,
         check_nifti_complete(path, str(path))
     except (RuntimeError, UserInputError, OSError) as error:
         reason = (error.strerror if isinstance(error, OSError) else None) or _short_reason(error)
+        if _nearly_full(path.parent):  # ITK truncates silently: name the likely cause plainly
+            reason = f"No space left on device ({reason})"
         raise WriteFailed(f"cannot write {shown}: {reason} (disk full?); "
                           "nothing was changed") from None
     if written.GetSize() != image.GetSize() or not np.array_equal(
             sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)):
         raise WriteFailed(f"cannot write {shown}: the file read back differs from what was "
                           "written (disk full?); nothing was changed")
+
+
+def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def _short_reason(error: Exception) -> str:
