@@ -109,8 +109,9 @@ def test_openvino_segmentation_equals_torch_and_reuses_its_cache(installed_home)
 @pytest.mark.skipif("openvino" not in CONVERTED, reason="openvino is not installed")
 def test_removed_version_drops_its_conversion(home, tmp_path):
     """A version removed and a new one published under the same number with other weights: the
-    old conversion must not be used. Guards against (not mutation-checked by hand): a cache kept outside the version folder
-    and keyed by NAME@N only (the new version would run the old network: labels differ)."""
+    old conversion must not be used. Guards against (not mutation-checked by hand): a cache kept
+    outside the version folder and keyed by NAME@N only (the new version would run the old
+    network: labels differ)."""
     from LymphNodeDGSTLib.engine.architectures import create_random_model
 
     store = ModelStore(home / "models")
