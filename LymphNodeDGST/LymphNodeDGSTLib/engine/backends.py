@@ -8,8 +8,8 @@ here that call goes to the fold's converted model.
 Backends: `torch` (fp32, today's path), `torch-bf16` (CPU autocast), `openvino` (f32 IR),
 `openvino-bf16` (same IR, bf16 inference-precision hint), `onnxruntime` (f32 ONNX).
 `auto` takes the first of AUTO_PREFERENCE that is installed on a CPU run and torch otherwise;
-the choice rests on the measurements in docs/benchmarks.md (Dice >= 0.995 against torch fp32 on
-the demo phantoms and the shared CTs). A backend that is missing or fails falls back to torch
+the choice rests on the measurements in docs/benchmarks.md (labels identical to torch fp32 on
+the site-A and site-B demo phantoms; the shared real CTs are not measured yet). A backend that is missing or fails falls back to torch
 with a one-line reason.
 """
 
