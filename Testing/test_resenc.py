@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_ct, run_cli
+from conftest import make_ct
 from test_adapt import blob_case
 from test_checkpoint_install import nnunet_checkpoint
 from test_dgst import GAMMA, changed_mask, output_filters, record_plans, train, union_of
@@ -106,7 +106,7 @@ def test_resenc_two_fold_model_install_segment_adapt_export_adapter_and_hot_swap
 
     from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, run_adaptation
     from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
-    from LymphNodeDGSTLib.engine.adapter_store import export_adapter
+    from LymphNodeDGSTLib.engine.adapter_store import export_adapter, install_adapter
     from LymphNodeDGSTLib.engine.inference import Segmenter
     from LymphNodeDGSTLib.engine.models import ModelStore
     from LymphNodeDGSTLib.home import Home
@@ -114,8 +114,8 @@ def test_resenc_two_fold_model_install_segment_adapt_export_adapter_and_hot_swap
     spec = resenc_tiny_spec(dataset_name="Dataset902_ResEnc")
     folds = [nnunet_checkpoint(tmp_path / f"f{f}" / "checkpoint_final.pth", fold=f, seed=f, spec=spec)
              for f in (1, 0)]
-    run_cli("models", "install", *map(str, folds), "--name", "resenc", home=home, check_rc=0)
     store = ModelStore(home / "models")
+    store.install_checkpoints(list(map(str, folds)), name="resenc")   # the CLI: test_checkpoint_install
     parent = store.resolve("resenc@1")
     assert parent.metadata["folds"] == ["0", "1"]
     segmenter = Segmenter(store, device="cpu")
@@ -142,7 +142,7 @@ def test_resenc_two_fold_model_install_segment_adapt_export_adapter_and_hot_swap
     adapter = export_adapter(store, "resenc@2", tmp_path / "resenc.safetensors")
     other_home = tmp_path / "other"
     ModelStore(other_home / "models").install_checkpoints(list(map(str, folds)), name="ln")
-    run_cli("models", "install-adapter", str(adapter), "--activate", home=other_home, check_rc=0)
+    install_adapter(ModelStore(other_home / "models"), adapter, activate=True)
     assert ModelStore(other_home / "models").active_version("ln") == 2
 
     segmenter.segment(probe, fast=True)   # hot swap to the activated adapted version

@@ -173,9 +173,12 @@ def read_adapter(path: str | os.PathLike) -> SiteAdapter:
     return SiteAdapter(path, header, tensors)
 
 
-def apply_adapter(adapter: SiteAdapter, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapted weights: `base` (not modified) with the adapter's entries put back, checked
-    bitwise against the weights_sha256 the adapter was made from."""
+def apply_adapter(adapter: SiteAdapter, base: Mapping[str, torch.Tensor], verify: bool = True,
+                  in_place: bool = False) -> dict[str, torch.Tensor]:
+    """The adapted weights: `base` with the adapter's entries put back, checked bitwise against
+    the weights_sha256 the adapter was made from. `in_place` writes into `base`'s tensors (a
+    freshly loaded parent: no copy); `verify=False` skips the checksum for an adapter that was
+    verified when it was installed (loading a version stored as a delta)."""
     where = adapter.path
     layout, aliases = adapter.header["tensors"], adapter.header["aliases"]
     expected = set(layout) | set(aliases)
@@ -196,18 +199,19 @@ def apply_adapter(adapter: SiteAdapter, base: Mapping[str, torch.Tensor]) -> dic
             raise ModelValidationError(
                 f"{where}: tensor '{key}' has shape {list(original.shape)} ({original.dtype}) in the "
                 f"base but {spec['shape']} ({spec['dtype']}) in the adapter")
-        result[key] = _rebuild(where, key, original, parts.get(key, {}))
+        result[key] = _rebuild(where, key, original, parts.get(key, {}), in_place)
     for alias, owner in aliases.items():
         result[alias] = result[owner]
-    if weights_sha256(result) != adapter.header["result"]["weights_sha256"]:
+    if verify and weights_sha256(result) != adapter.header["result"]["weights_sha256"]:
         raise ModelValidationError(f"{where}: the rebuilt weights do not match the adapter's "
                                    "checksum (the file is corrupted)")
     return result
 
 
-def _rebuild(where: Path, key: str, original: torch.Tensor, part: dict[str, torch.Tensor]) -> torch.Tensor:
+def _rebuild(where: Path, key: str, original: torch.Tensor, part: dict[str, torch.Tensor],
+             in_place: bool = False) -> torch.Tensor:
     if not part:
-        return original.detach().clone()
+        return original.detach() if in_place else original.detach().clone()
     if "dense" in part:
         dense = part["dense"]
         if dense.shape != original.shape or dense.dtype != original.dtype:
@@ -225,7 +229,9 @@ def _rebuild(where: Path, key: str, original: torch.Tensor, part: dict[str, torc
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= original.numel()):
         raise ModelValidationError(f"{where}: tensor '{key}': an index lies outside the base's "
                                    f"tensor of shape {list(original.shape)}")
-    rebuilt = original.detach().clone().contiguous()
+    rebuilt = original.detach()
+    if not (in_place and rebuilt.is_contiguous()):
+        rebuilt = rebuilt.clone().contiguous()
     rebuilt.view(-1)[indices] = values
     return rebuilt
 
