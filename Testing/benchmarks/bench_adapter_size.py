@@ -52,7 +52,7 @@ from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
 
 METHODS = ("dgst", "random", "static", "norm", "bias", "full", "lora")
 SPECS = {"demo": demo_spec, "default": architectures.default_foundation_spec}
-PATCHES = {"demo": (4, 16, 16), "default": (4, 32, 32)}  # the smallest each network takes
+PATCHES = {"demo": (4, 16, 16), "default": (4, 64, 64)}  # about the smallest each network takes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
