@@ -40,6 +40,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("scipy", "scipy>=1.10", "pip", "node measurements"),
     Requirement("tqdm", "tqdm>=4.66", "pip", "progress reporting"),
     Requirement("matplotlib", "matplotlib>=3.7", "pip", "adaptation curves and reports"),
+    Requirement("safetensors", "safetensors>=0.4", "pip", "site adapters (an adaptation as a small file)"),
     Requirement("peft", "peft==0.21.2", "pip", "the LoRA adaptation method", optional=True),
     Requirement("SimpleITK", "SimpleITK", "slicer", "image reading and writing"),
     Requirement("numpy", "numpy", "slicer", "arrays"),
