@@ -21,6 +21,7 @@ from LymphNodeDGSTLib.engine.state_dicts import weights_sha256
 
 CONV = "encoder.stages.1.0.convs.0.conv.weight"          # aliased as decoder.encoder.stages...
 HEAD = "decoder.seg_layers.2.weight"
+BIAS = "encoder.stages.0.0.convs.0.conv.bias"            # nnU-Net initialises biases to 0.0
 
 
 def fold0_weights(folder: Path) -> dict:
@@ -41,7 +42,9 @@ def site_a(tmp_path_factory, tiny_model_folder) -> tuple[Path, dict, Path]:
     store.install(tiny_model_folder, name="foundation", show_progress=False)
     weights = {k: v.clone() for k, v in fold0_weights(tiny_model_folder).items()}
     weights[CONV].view(-1)[[0, 5, 700]] += 0.25          # a few entries of an aliased conv
-    weights[CONV].view(-1)[9] = -0.0 if weights[CONV].view(-1)[9] == 0 else weights[CONV].view(-1)[9] * -1
+    weights[CONV].view(-1)[9] *= -1
+    assert weights[BIAS][0].item() == 0.0
+    weights[BIAS][0] = -0.0                               # equal as a float, different bits
     weights["decoder." + CONV] = weights[CONV]            # keep nnU-Net's alias
     weights[HEAD] += 0.5                                  # a whole small tensor
     plans = json.loads((tiny_model_folder / "plans.json").read_text())
@@ -79,6 +82,7 @@ def test_adapter_round_trip_is_bitwise_exact_and_small(site_a, tmp_path, tiny_mo
     for key in adapted:
         assert torch.equal(bits(rebuilt[key]), bits(adapted[key])), key
     assert weights_sha256(rebuilt) == weights_sha256(adapted)
+    assert str(rebuilt[BIAS][0].item()) == "-0.0"
 
     again = run_cli("models", "install-adapter", str(adapter), home=home_b)
     assert again.returncode == 2 and "already installed as lnfm@2" in again.stderr

@@ -14,7 +14,8 @@ foundation weights (an adapter's size depends only on how many entries change, n
      entries that change does not depend on the patch). dgst and random use `--iterations`
      (their changed set grows with every iteration); the other methods change a set that is fixed
      after their first step (norm, bias, full, lora) or after the warm-up (static), so
-     `--other-iterations` gives their final size.
+     `--other-iterations` (2) and `--static-iterations` (12) give their final size. `--budget-seconds`
+     stops a run early on a loaded machine; every row records the iterations actually run.
   2. Writes the checkpoint nnU-Net would store (checkpoint_dict, torch.save) and the site adapter
      (engine/adapters.write_adapter, which reads it back and checks the rebuild), and records both
      sizes and the share of weights that differ bitwise.
@@ -22,7 +23,7 @@ foundation weights (an adapter's size depends only on how many entries change, n
      sha256 lookup, rebuild, checksum, writing and validating the new version), against
      `ModelStore.install` of the full results folder; and time to load the weights from the full
      checkpoint against loading the parent checkpoint + applying the delta (in place, with and
-     without the checksum), medians of 5, side by side in one process.
+     without the checksum), medians of 3, side by side in one process.
 Not part of the test suite.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -60,7 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--archs", nargs="+", default=list(SPECS), choices=list(SPECS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--iterations", type=int, default=250, help="dgst and random")
-    parser.add_argument("--other-iterations", type=int, default=20, help="the other methods")
+    parser.add_argument("--other-iterations", type=int, default=2,
+                        help="norm, bias, full, lora (their changed set is fixed after one step)")
+    parser.add_argument("--static-iterations", type=int, default=12,
+                        help="static (its selection is fixed after the 10-step warm-up)")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="stop a method's run after this many seconds; the row records the "
+                             "iterations reached")
     parser.add_argument("--json", help="write all rows here")
     return parser.parse_args(argv)
 
@@ -75,7 +81,7 @@ def loss_of(outputs, target: torch.Tensor) -> torch.Tensor:
 
 
 def adapt(plans: dict, dataset_json: dict, foundation: dict, method: str, iterations: int,
-          patch: tuple[int, int, int]) -> tuple[dict, float]:
+          patch: tuple[int, int, int], budget: float | None = None) -> tuple[dict, float, int]:
     network = architectures.build_network(plans, dataset_json, deep_supervision=True)
     network.load_state_dict(foundation)
     policy = dgst.make_policy(method, network, gamma=2, seed=0, warmup_steps=10)
@@ -84,18 +90,24 @@ def adapt(plans: dict, dataset_json: dict, foundation: dict, method: str, iterat
     stepper = dgst.MaskedStepper(policy, max_grad_norm=12.0)
     generator = torch.Generator().manual_seed(1)
     started = time.perf_counter()
-    for _ in range(iterations):
+    done = 0
+    for done in range(1, iterations + 1):
         image = torch.randn((1, 1, *patch), generator=generator)
         target = (torch.rand((1, *patch), generator=generator) > 0.9).long()
         optimizer.zero_grad(set_to_none=True)
         loss_of(network(image), target).backward()
         stepper.step(optimizer)
+        if done % 10 == 0:
+            print(f"  {method}: {done} iterations, {time.perf_counter() - started:.0f} s wall, "
+                  f"{time.process_time():.0f} s CPU", file=sys.stderr, flush=True)
+        if budget is not None and time.perf_counter() - started > budget:
+            break
     seconds = time.perf_counter() - started
     weights = dgst.merged_state_dict(network) if method == "lora" else snapshot_state(network.state_dict())
-    return weights, seconds
+    return weights, seconds, done
 
 
-def median_seconds(action, repeats: int = 5) -> float:
+def median_seconds(action, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -126,7 +138,7 @@ def timings(work: Path, plans: dict, dataset_json: dict, foundation: dict, adapt
     rows["load_verified_ratio"] = rows["load_delta_verified_s"] / rows["load_full_s"]
 
     installs, full_installs = [], []
-    for attempt in range(3):
+    for attempt in range(1):
         store = ModelStore(work / f"store{attempt}")
         store.install(base_folder, name="base", show_progress=False)
         started = time.perf_counter()
@@ -136,8 +148,8 @@ def timings(work: Path, plans: dict, dataset_json: dict, foundation: dict, adapt
         store.install(full_folder, name="copy", show_progress=False)
         full_installs.append(time.perf_counter() - started)
         shutil.rmtree(work / f"store{attempt}")
-    rows["install_adapter_s"] = statistics.median(installs)
-    rows["install_full_s"] = statistics.median(full_installs)
+    rows["install_adapter_s"] = installs[0]
+    rows["install_full_s"] = full_installs[0]
     return rows
 
 
@@ -157,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "trainer_name": "nnUNetTrainer", "mirroring_axes": [0, 1, 2]},
                       "plans": plans, "dataset_json": dataset_json, "record": {}}
             for method in args.methods:
-                iterations = args.iterations if method in ("dgst", "random") else args.other_iterations
-                adapted, seconds = adapt(plans, dataset_json, foundation, method, iterations, PATCHES[arch])
+                iterations = (args.iterations if method in ("dgst", "random") else
+                              args.static_iterations if method == "static" else args.other_iterations)
+                adapted, seconds, iterations = adapt(plans, dataset_json, foundation, method, iterations,
+                                                     PATCHES[arch], args.budget_seconds)
                 torch.save(architectures.checkpoint_dict(adapted, plans, dataset_json), checkpoint)
                 adapter = write_adapter(work / f"{method}.safetensors", foundation, adapted,
                                         {**header, "record": {"method": method}})
