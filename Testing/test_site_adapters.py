@@ -180,6 +180,8 @@ def test_adapter_for_another_base_is_refused(site_a, tmp_path):
 
 
 def test_export_adapter_needs_an_adapted_version_and_writes_nothing_on_refusal(site_a, tmp_path):
+    """Catches: an installed (parentless) version exported as a 'delta' of nothing, a refused
+    export leaving a file behind, the parent's identity or nnU-Net's aliases missing from the header."""
     home_a, _, adapter = site_a
     target = tmp_path / "x.safetensors"
     result = run_cli("models", "export-adapter", "foundation@1", str(target), home=home_a)
