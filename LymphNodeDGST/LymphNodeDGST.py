@@ -32,7 +32,8 @@ from LymphNodeDGSTLib.slicer_bridge.panel import BACKEND_CHOICES
 from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_DEFAULT_METHOD, ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
                                     MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
                                     JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
-                                    adaptation_outcome, case_rows, device_text, failure_text,
+                                    adaptation_outcome, case_rows, device_text,
+                                    export_adapter_for_row, failure_text,
                                     home_from_setting, import_segmentation_result,
                                     install_job_params, model_rows, new_segmentation_files,
                                     node_centroid_world, node_table_cells, running_job,
@@ -122,6 +123,8 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.homeDirectoryButton.connect("directoryChanged(QString)", self.onHomeChanged)
         self.ui.activateButton.connect("clicked(bool)", self.onActivate)
         self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
+        self.ui.exportAdapterButton.connect("clicked(bool)", self.onExportAdapter)
+        self.ui.installAdapterButton.connect("clicked(bool)", self.onInstallAdapter)
         self.ui.browseZipButton.connect("clicked(bool)", lambda: self.onBrowse(folder=False))
         self.ui.browseFolderButton.connect("clicked(bool)", lambda: self.onBrowse(folder=True))
         self.ui.installButton.connect("clicked(bool)", self.onInstallModel)
@@ -287,6 +290,7 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if tip:
                 button.toolTip = tip
         for widget in (self.ui.modelsTableWidget, self.ui.activateButton, self.ui.rollbackButton,
+                       self.ui.exportAdapterButton, self.ui.installAdapterButton,
                        self.ui.installSourceLineEdit, self.ui.browseZipButton, self.ui.browseFolderButton):
             widget.enabled = controls.model_actions_enabled
         for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector,
@@ -339,9 +343,26 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onBrowse(self, folder):
         path = (qt.QFileDialog.getExistingDirectory(None, _("nnU-Net results folder")) if folder else
-                qt.QFileDialog.getOpenFileName(None, _("nnU-Net model archive"), "", _("Zip archives (*.zip)")))
+                qt.QFileDialog.getOpenFileName(None, _("nnU-Net model archive or checkpoint"), "",
+                                               _("Models (*.zip *.pth);;All files (*)")))
         if path:
             self.ui.installSourceLineEdit.text = path
+
+    def onExportAdapter(self):
+        row = self.ui.modelsTableWidget.currentRow()
+        path = qt.QFileDialog.getSaveFileName(None, _("Site adapter"), "", _("Site adapters (*.safetensors)"))
+        if path:
+            with reported(_("Could not export the adapter."), self.showError), slicer.util.WaitCursor():
+                self.ui.installStatusLabel.text = export_adapter_for_row(
+                    self.logic.store(), self.modelRows, row if row >= 0 else None, path)
+
+    def onInstallAdapter(self):
+        path = qt.QFileDialog.getOpenFileName(None, _("Site adapter"), "", _("Site adapters (*.safetensors)"))
+        if path:
+            with reported(_("Could not start the installation."), self.showError):
+                params = install_job_params(self.logic.home, path, adapter=True)
+                job = self.logic.jobs.submit(INSTALL_JOB_KIND, params, python=worker_python())
+                self.follow("install", job.id, {})
 
     def onInstallModel(self):
         if self.machine.job_kind == "install":

@@ -39,7 +39,8 @@ EXPECTED_WIDGETS = {
     # model
     "modelsTableWidget": "QTableWidget", "activateButton": "QPushButton", "rollbackButton": "QPushButton",
     "installSourceLineEdit": "QLineEdit", "installButton": "QPushButton",
-    "trustCheckpointCheckBox": "QCheckBox",
+    "trustCheckpointCheckBox": "QCheckBox", "exportAdapterButton": "QPushButton",
+    "installAdapterButton": "QPushButton",
     # segment
     "inputVolumeSelector": "qMRMLNodeComboBox", "outputSegmentationSelector": "qMRMLNodeComboBox",
     "deviceComboBox": "QComboBox", "fastCheckBox": "QCheckBox", "applyButton": "QPushButton",

@@ -655,3 +655,44 @@ def test_node_centroids_land_on_the_node_in_world_ras_and_the_editor_node_is_a_s
     editor = panel.segment_editor_node(scene)
     assert panel.segment_editor_node(scene) is editor and editor.GetSingletonTag() == "LymphNodeDGST"
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == 1
+
+
+def test_model_section_exports_and_installs_site_adapters_and_fold_checkpoints(installed_home, tmp_path):
+    """The panel's adapter actions use the same store calls as the CLI. Catches: exporting the
+    wrong table row, the install job ignoring 'adapter' (it would try to install the file as a
+    model), several ';'-separated fold checkpoints taken as one path."""
+    import json
+
+    from LymphNodeDGSTLib.engine.architectures import write_results_folder
+    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.jobs.manager import Reporter
+    from test_checkpoint_install import nnunet_checkpoint
+
+    home = Home(installed_home)
+    store = ModelStore(home.models)
+    tiny = store.resolve("tiny@1")
+    weights = load_checkpoint(tiny.path / "fold_0" / "checkpoint_final.pth")["network_weights"]
+    weights["decoder.seg_layers.2.bias"] += 1.0
+    adapted = write_results_folder(tmp_path / "adapted", json.loads((tiny.path / "plans.json").read_text()),
+                                   json.loads((tiny.path / "dataset.json").read_text()), weights)
+    store.add_version("tiny", adapted, {"kind": "adapted", "parent": 1}, activate_if_first=False)
+    rows = panel.model_rows(store)
+    with pytest.raises(UserInputError, match="Select an adapted version"):
+        panel.export_adapter_for_row(store, rows, None, tmp_path / "a.safetensors")
+    with pytest.raises(UserInputError, match="no parent"):
+        panel.export_adapter_for_row(store, rows, [r.ref for r in rows].index("tiny@1"), tmp_path / "a.safetensors")
+    text = panel.export_adapter_for_row(store, rows, [r.ref for r in rows].index("tiny@2"), tmp_path / "a.safetensors")
+    assert "Wrote tiny@2 as a site adapter" in text
+
+    other = Home(tmp_path / "other")
+    ModelStore(other.models).install(tiny.path, name="base", show_progress=False)
+    (tmp_path / "job").mkdir()
+    reporter = Reporter(tmp_path / "job")
+    params = panel.install_job_params(other, str(tmp_path / "a.safetensors"), adapter=True)
+    assert panel.install_model(params, reporter) == {"version": "base@2", "active": False}
+
+    folds = [str(nnunet_checkpoint(tmp_path / f"f{f}" / "checkpoint_final.pth", fold=f, seed=f)) for f in (0, 1)]
+    result = panel.install_model(panel.install_job_params(other, ";".join(folds), name="folds"), reporter)
+    assert result == {"version": "folds@1", "active": True}
+    assert ModelStore(other.models).resolve("folds").metadata["folds"] == ["0", "1"]

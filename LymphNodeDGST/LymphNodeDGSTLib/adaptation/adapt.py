@@ -141,7 +141,7 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
     from LymphNodeDGSTLib.engine.architectures import read_json
     plans = read_json(parent.path / "plans.json")
     dataset_json = read_json(parent.path / "dataset.json")
-    fold, checkpoint_path = next(iter(find_checkpoints(parent.path).items()))
+    fold, checkpoint_path = adaptation_fold(parent)
     foundation = load_checkpoint(checkpoint_path, trust=parent.metadata.get("trusted_checkpoint", False))
     configuration = foundation["init_args"]["configuration"]
 
@@ -167,7 +167,8 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
                                   on_iteration, on_epoch, should_stop=reporter.cancelled)
     else:
         result = fine_tune(foundation, dataset, work_dir / "training", settings, device,
-                           on_iteration=on_iteration, on_epoch=on_epoch, should_stop=reporter.cancelled)
+                           on_iteration=on_iteration, on_epoch=on_epoch, should_stop=reporter.cancelled,
+                           fold=fold)
 
     staged = ModelVersion(parent.name, 0, result.results_folder, {"labels": parent.metadata.get("labels")})
     evaluation = evaluate_versions(store, parent, staged, split.evaluation, device,
@@ -204,7 +205,7 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
 
     version = store.add_version(
         parent.name, result.results_folder,
-        {"kind": "adapted", "parent": parent.version, "method": settings.method,
+        {"kind": "adapted", "parent": parent.version, "parent_fold": fold, "method": settings.method,
          "gamma": report["gamma"], "iterations": settings.iterations, "device": str(device),
          "metrics": {"dice_before": before, "dice_after": after,
                      "evaluation_is_held_out": split.held_out},
@@ -219,6 +220,18 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
     return {"version": version.ref, "parent": parent.ref, "activated": activated,
             "dice_before": before, "dice_after": after, "evaluation_is_held_out": split.held_out,
             "report": str(version.path / REPORT_FILE), "figure": str(version.path / FIGURE_FILE)}
+
+
+def adaptation_fold(parent: ModelVersion) -> tuple[str, Path]:
+    """The fold a multi-fold model is adapted from: fold 0 if it has one, else its first.
+
+    Only that fold is fine-tuned, and the new version holds only it (one network, no ensemble):
+    fine-tuning every fold on the same few cases would cost k times the time and would not keep
+    the folds' diversity, which came from their different training data.
+    """
+    checkpoints = find_checkpoints(parent.path)
+    fold = "0" if "0" in checkpoints else sorted(checkpoints)[0]
+    return fold, checkpoints[fold]
 
 
 def _why_not(request: AdaptRequest, before: float, after: float) -> str:

@@ -675,6 +675,26 @@ def inject_lora(network: nn.Module, rank: int = 32, alpha: float = 16, dropout: 
     return network
 
 
+def _peft_misreads_kernel(module: nn.Module) -> bool:
+    """PEFT (0.21) merges any convolution whose weight is 1x1 in dims 2-3 as a 2-D 1x1 conv, which
+    fails for Conv3d kernels 1x1xk, e.g. the 1x1x1 skip projections of ResEnc's residual blocks."""
+    base = module.get_base_layer()
+    return isinstance(base, nn.Conv3d) and tuple(base.weight.shape[2:4]) == (1, 1)
+
+
+def _merge_by_convolution(module: nn.Module) -> None:
+    """Fold a Conv3d LoRA adapter into its base weight: W[o, i, k] += s * sum_r B[o, r] A[r, i, k]."""
+    base = module.get_base_layer()
+    if base.groups != 1:
+        raise ValueError("LoRA merge of grouped 1x1xk convolutions is not supported")
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        weight_a, weight_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        delta = torch.nn.functional.conv3d(weight_a.float().transpose(0, 1), weight_b.float())
+        base.weight.data += (delta.transpose(0, 1) * module.scaling[adapter]).to(base.weight.dtype)
+
+
 def merge_lora(network: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its base convolution, in place; returns the plain network.
 
@@ -686,7 +706,10 @@ def merge_lora(network: nn.Module) -> nn.Module:
     bases = {}
     for module in network.modules():
         if isinstance(module, LoraLayer):
-            module.merge(safe_merge=True)
+            if _peft_misreads_kernel(module):
+                _merge_by_convolution(module)
+            else:
+                module.merge(safe_merge=True)
             bases[id(module)] = module.get_base_layer()
     _replace_modules_everywhere(network, bases)
     return network

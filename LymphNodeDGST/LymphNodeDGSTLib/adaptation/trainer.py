@@ -301,13 +301,13 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
               settings: FineTuneSettings, device: torch.device,
               on_iteration: IterationCallback | None = None, on_epoch: EpochCallback | None = None,
               should_stop: Callable[[], bool] | None = None,
-              trainer_class: type | None = None) -> FineTuneResult:
+              trainer_class: type | None = None, fold: int | str = 0) -> FineTuneResult:
     """Fine-tune the foundation's weights on a prepared dataset; write a results folder.
 
     The results folder (`work_dir/results`) holds dataset.json, plans.json,
-    fold_0/checkpoint_final.pth (trainer name `nnUNetTrainer`, so stock nnU-Net loads it) and
-    `adaptation_stats.json` with what changed. Under DDP (`trainer_class` from `ddp_trainer`)
-    every rank trains and only rank 0 writes.
+    fold_F/checkpoint_final.pth (F: `fold`, the foundation fold it was made from; trainer name
+    `nnUNetTrainer`, so stock nnU-Net loads it) and `adaptation_stats.json` with what changed.
+    Under DDP (`trainer_class` from `ddp_trainer`) every rank trains and only rank 0 writes.
     """
     settings.validate()
     started = time.perf_counter()
@@ -331,15 +331,16 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
                             trainer.stepper.summary())
     if trainer.local_rank != 0:
         return result
-    (results / "fold_0").mkdir(parents=True, exist_ok=True)
+    (results / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     saved_plans = copy.deepcopy(dataset.plans)
     checkpoint = checkpoint_dict(
-        weights, saved_plans, dataset.dataset_json, configuration=dataset.configuration, fold=0,
+        weights, saved_plans, dataset.dataset_json, configuration=dataset.configuration,
+        fold=int(fold) if str(fold).isdigit() else fold,
         trainer_name="nnUNetTrainer",
         mirroring_axes=foundation_checkpoint.get("inference_allowed_mirroring_axes", (0, 1, 2)),
         extra={"current_epoch": len(trainer.epoch_records),
                "adaptation": {"method": settings.method, "gamma": settings.gamma}})
-    torch.save(checkpoint, results / "fold_0" / "checkpoint_final.pth")
+    torch.save(checkpoint, results / f"fold_{fold}" / "checkpoint_final.pth")
     (results / "plans.json").write_text(json.dumps(saved_plans, indent=2))
     (results / "dataset.json").write_text(json.dumps(dataset.dataset_json, indent=2))
 

@@ -1,4 +1,4 @@
-"""`lndgst models install | list | activate | rollback | export`."""
+"""`lndgst models install | list | activate | rollback | export | export-adapter | install-adapter`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ COMMAND = "models"
 def register(commands: argparse._SubParsersAction) -> None:
     models = commands.add_parser("models", help="install, list, activate, roll back, export models")
     model_commands = models.add_subparsers(dest="models_command", parser_class=type(models))
-    install = model_commands.add_parser("install", help="install an nnU-Net results folder, zip or URL")
-    install.add_argument("source", help="results folder, zip of one, or http(s) URL of a zip")
+    install = model_commands.add_parser(
+        "install", help="install an nnU-Net results folder, zip, URL or bare checkpoint file(s)")
+    install.add_argument("source", nargs="+",
+                         help="results folder, zip of one, http(s) URL, or nnU-Net v2 checkpoint "
+                              "file(s) (several: the folds of one model)")
     install.add_argument("--name", help="model name (default: the dataset name in plans.json)")
     install.add_argument("--sha256", help="expected SHA-256 of the zip or download")
     install.add_argument("--trust-checkpoint", action="store_true",
@@ -29,6 +32,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = model_commands.add_parser("export", help="write a plain nnU-Net results folder")
     export.add_argument("spec", metavar="NAME@VERSION")
     export.add_argument("destination")
+    export_adapter = model_commands.add_parser(
+        "export-adapter", help="write a version as a site adapter (delta over its parent)")
+    export_adapter.add_argument("spec", metavar="NAME@VERSION")
+    export_adapter.add_argument("file", help="adapter file to write (.safetensors)")
+    install_adapter = model_commands.add_parser(
+        "install-adapter", help="add a site adapter as a new version of the base it was made from")
+    install_adapter.add_argument("file")
+    install_adapter.add_argument("--activate", action="store_true", help="activate the new version")
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
@@ -37,8 +48,14 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     store = ModelStore(home.models)
     command = args.models_command
     if command == "install":
-        version = store.install(args.source, name=args.name, sha256=args.sha256,
-                                trust_checkpoint=args.trust_checkpoint, force=args.force)
+        if len(args.source) > 1:
+            if args.sha256:
+                raise UserInputError("--sha256 applies to one file or URL, not to several checkpoints")
+            version = store.install_checkpoints(args.source, name=args.name,
+                                                trust_checkpoint=args.trust_checkpoint, force=args.force)
+        else:
+            version = store.install(args.source[0], name=args.name, sha256=args.sha256,
+                                    trust_checkpoint=args.trust_checkpoint, force=args.force)
         print(version.ref)
     elif command == "list":
         names = store.names()
@@ -63,6 +80,13 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         if number is None:
             args.spec = store.resolve(args.spec).ref
         print(store.export(args.spec, args.destination))
+    elif command == "export-adapter":
+        from LymphNodeDGSTLib.engine.adapter_store import export_adapter
+        print(export_adapter(store, args.spec, args.file))
+    elif command == "install-adapter":
+        from LymphNodeDGSTLib.engine.adapter_store import install_adapter
+        print(install_adapter(store, args.file, activate=args.activate).ref)
     else:
-        raise UserInputError("models: choose one of install, list, activate, rollback, export")
+        raise UserInputError("models: choose one of install, list, activate, rollback, export, "
+                             "export-adapter, install-adapter")
     return EXIT_OK

@@ -18,10 +18,13 @@ from LymphNodeDGSTLib.engine import nnunet_env  # noqa: F401  (sets nnU-Net's en
 import torch
 from torch import nn
 
+from LymphNodeDGSTLib.engine.network_support import PLAIN_UNET, RESENC_UNET
 from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
 
 CONFIGURATION = "3d_fullres"
-PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+NETWORKS = {"plain": PLAIN_UNET, "resenc": RESENC_UNET}
+# nnU-Net's ResEnc planners (M, L, XL differ only in patch and batch size, not in these).
+RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6)
 
 # CT intensity statistics of soft tissue, used by nnU-Net's CTNormalization (clip to the 0.5/99.5
 # percentiles, then z-score). A real foundation model brings its own from its training data.
@@ -50,6 +53,8 @@ class UNetSpec:
     labels: dict = field(default_factory=lambda: {"background": 0, "lymph_node": 1})
     intensity_properties: dict = field(default_factory=lambda: dict(DEFAULT_CT_INTENSITIES))
     dataset_name: str = "Dataset901_LymphNodeCT"
+    network: str = "plain"                         # "plain" (PlainConvUNet) or "resenc"
+    blocks_per_stage: Sequence[int] | None = None  # ResEnc encoder blocks (default nnU-Net's)
 
     @property
     def n_stages(self) -> int:
@@ -77,6 +82,15 @@ def default_foundation_spec() -> UNetSpec:
     )
 
 
+def resenc_spec(**overrides) -> UNetSpec:
+    """nnU-Net's ResEnc (M/L/XL) 3d_fullres ResidualEncoderUNet for 1x1x3 mm CT."""
+    spec = default_foundation_spec()
+    spec.network = "resenc"
+    for key, value in overrides.items():
+        setattr(spec, key, value)
+    return spec
+
+
 def tiny_spec(**overrides) -> UNetSpec:
     """A network of a few hundred thousand parameters for tests and the demo."""
     values = dict(
@@ -93,14 +107,21 @@ def tiny_spec(**overrides) -> UNetSpec:
 def make_plans(spec: UNetSpec) -> dict:
     """An nnU-Net v2 plans dictionary with one 3d_fullres configuration."""
     n_stages = spec.n_stages
+    if spec.network not in NETWORKS:
+        raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {spec.network!r}")
+    if spec.network == "resenc":
+        blocks = list(spec.blocks_per_stage or RESENC_BLOCKS_PER_STAGE[:n_stages])
+        per_stage = {"n_blocks_per_stage": blocks, "n_conv_per_stage_decoder": [1] * (n_stages - 1)}
+    else:
+        per_stage = {"n_conv_per_stage": [spec.convs_per_stage] * n_stages,
+                     "n_conv_per_stage_decoder": [spec.convs_per_stage] * (n_stages - 1)}
     arch_kwargs = {
         "n_stages": n_stages,
         "features_per_stage": list(spec.features_per_stage),
         "conv_op": "torch.nn.modules.conv.Conv3d",
         "kernel_sizes": spec.resolved_kernel_sizes(),
         "strides": spec.resolved_strides(),
-        "n_conv_per_stage": [spec.convs_per_stage] * n_stages,
-        "n_conv_per_stage_decoder": [spec.convs_per_stage] * (n_stages - 1),
+        **per_stage,
         "conv_bias": True,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
         "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -128,7 +149,7 @@ def make_plans(spec: UNetSpec) -> dict:
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
         "resampling_fn_probabilities_kwargs": resample_prob,
         "architecture": {
-            "network_class_name": PLAIN_UNET,
+            "network_class_name": NETWORKS[spec.network],
             "arch_kwargs": arch_kwargs,
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
         },

@@ -10,6 +10,8 @@ from pathlib import Path
 from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.engine.fetch import file_sha256
 from LymphNodeDGSTLib.engine.json_files import read_json_object
+from LymphNodeDGSTLib.engine.network_support import check_supported_network
+from LymphNodeDGSTLib.engine.state_dicts import weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError
 
 CHECKPOINT_NAME = "checkpoint_final.pth"
@@ -26,6 +28,7 @@ class ResultsFolderInfo:
     trainer_name: str
     parameters: int
     checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+    weights_sha256: dict[str, str] = field(default_factory=dict)  # identity of each fold's weights
 
 
 def find_checkpoints(folder: Path) -> dict[str, Path]:
@@ -61,11 +64,12 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
 
     configuration = trainer_name = None
     weights_of_first = None
-    hashes = {}
+    hashes, weight_hashes = {}, {}
     for fold, path in checkpoints.items():
         checkpoint = load_checkpoint(path, trust=trust)
         hashes[fold] = file_sha256(path)
         _check_weights(path, checkpoint["network_weights"])
+        weight_hashes[fold] = weights_sha256(checkpoint["network_weights"])
         init_args = checkpoint.get("init_args") or {}
         if not isinstance(init_args, dict):
             raise ModelValidationError(f"{path}: the checkpoint's 'init_args' must be a dictionary "
@@ -83,6 +87,7 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
         configuration = named
         _check_configuration(folder, plans["configurations"][named], named)
         trainer_name = str(checkpoint.get("trainer_name", "nnUNetTrainer"))
+        check_supported_network(path, plans, named, trainer_name, checkpoint["network_weights"])
         _check_head(path, checkpoint["network_weights"], labels, dataset_json)
         if weights_of_first is None:
             weights_of_first = checkpoint["network_weights"]
@@ -91,7 +96,7 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
     if check_network:
         parameters = _check_network_matches(folder, plans, dataset_json, configuration, weights_of_first)
     return ResultsFolderInfo(folder, configuration, list(checkpoints), labels, trainer_name,
-                             parameters, hashes)
+                             parameters, hashes, weight_hashes)
 
 
 def _check_dataset_json(folder: Path, dataset_json: dict) -> dict:

@@ -189,7 +189,7 @@ class ModelStore:
             if is_url(source):
                 self._download_path(source).parent.mkdir(exist_ok=True)
                 archive = download(source, self._download_path(source), sha256, show_progress)
-                folder = self._unpack(archive, work / "unpacked")
+                folder = self._open_file(archive, work, trust_checkpoint)
             else:
                 path = Path(source).expanduser()
                 if not path.exists():
@@ -201,7 +201,7 @@ class ModelStore:
                 else:
                     if sha256:
                         verify_sha256(path, sha256)
-                    folder = self._unpack(path, work / "unpacked")
+                    folder = self._open_file(path, work, trust_checkpoint)
             info = validate_results_folder(folder, trust=trust_checkpoint)
             model_name = name or default_model_name(folder)
             if not force:
@@ -221,6 +221,45 @@ class ModelStore:
         for version in self.versions(name):
             if version.metadata.get("checkpoint_sha256") == info.checkpoint_sha256:
                 raise AlreadyInstalled(version.ref)
+
+    def install_checkpoints(self, sources: list[str | os.PathLike], name: str | None = None,
+                            trust_checkpoint: bool = False, force: bool = False) -> ModelVersion:
+        """Install several bare nnU-Net v2 checkpoint files (the folds of one model) as one model."""
+        from LymphNodeDGSTLib.engine.checkpoint_folder import is_torch_checkpoint, rebuild_results_folder
+
+        if len(sources) == 1:
+            return self.install(sources[0], name=name, trust_checkpoint=trust_checkpoint, force=force)
+        if name is not None:
+            parse_model_spec(name)
+            if "@" in name:
+                raise UserInputError("--name takes a model name without '@VERSION'")
+        paths = [Path(s).expanduser() for s in sources]
+        for path in paths:
+            if not path.is_file():
+                raise UserInputError(f"not found: {path}" if not path.exists() else
+                                     f"{path}: several sources must all be checkpoint files (folds)")
+            if not is_torch_checkpoint(path):
+                raise ModelValidationError(f"{path}: not an nnU-Net checkpoint file; several sources "
+                                           "must all be checkpoints (the folds of one model)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(self.root, INSTALL_PREFIX)
+        with staging_folder(self.root, f"{INSTALL_PREFIX}{owner_tag()}-") as work:
+            folder = rebuild_results_folder(paths, work / "rebuilt", trust=trust_checkpoint)
+            info = validate_results_folder(folder, trust=trust_checkpoint)
+            if not force:
+                self._refuse_reinstall(name or default_model_name(folder), info)
+            metadata = {"source": [str(p.resolve()) for p in paths], "kind": "installed",
+                        "parent": None, "trusted_checkpoint": bool(trust_checkpoint)}
+            return self.add_version(name or default_model_name(folder), folder, metadata, info=info,
+                                    activate_if_first=True)
+
+    def _open_file(self, path: Path, work: Path, trust: bool) -> Path:
+        """The results folder in a zip, or one rebuilt from a bare checkpoint file's init_args."""
+        from LymphNodeDGSTLib.engine.checkpoint_folder import is_torch_checkpoint, rebuild_results_folder
+
+        if is_torch_checkpoint(path):
+            return rebuild_results_folder([path], work / "rebuilt", trust=trust)
+        return self._unpack(path, work / "unpacked")
 
     def _download_path(self, url: str) -> Path:
         """A stable place per URL, so an interrupted download resumes where it stopped."""
@@ -267,6 +306,7 @@ class ModelStore:
                 "trainer_name": info.trainer_name,
                 "parameters": info.parameters,
                 "checkpoint_sha256": info.checkpoint_sha256,
+                "weights_sha256": info.weights_sha256,
                 **metadata,
             }
             return self._publish(staged, versions_dir, record)

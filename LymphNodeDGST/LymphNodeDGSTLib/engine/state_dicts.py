@@ -37,3 +37,21 @@ def snapshot_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if alias is not None:
             copies[alias] = snapshot[key]
     return snapshot
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """The identity of a set of weights: SHA-256 over every key (sorted), its dtype, shape and raw
+    bytes. Independent of how the checkpoint file around the weights was written (pickle layout,
+    logs, optimiser state), so two sites holding the same weights get the same value."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            continue
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}\0{flat.dtype}\0{tuple(value.shape)}\0".encode())
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()

@@ -54,6 +54,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("tqdm", "tqdm>=4.66", "pip", "progress reporting"),
     Requirement("matplotlib", "matplotlib>=3.7", "pip", "adaptation curves and reports"),
     Requirement("psutil", "psutil>=5.9", "pip", "stopping background jobs with all their processes"),
+    Requirement("safetensors", "safetensors>=0.4", "pip", "site adapters (an adaptation as a small file)"),
     Requirement("peft", "peft==0.21.2", "pip", "the LoRA adaptation method", optional=True),
     Requirement("openvino", 'openvino==2026.4.1; sys_platform != "darwin" or platform_machine == "arm64"', "pip",
                 "faster segmentation on the CPU (OpenVINO backend)", optional=True),

@@ -748,12 +748,16 @@ def adaptation_outcome(result: dict) -> AdaptationOutcome:
 
 # --------------------------------------------------------------------------- model installs
 def install_job_params(home: Home, source: str, name: str | None = None, sha256: str | None = None,
-                       trust_checkpoint: bool = False) -> dict:
+                       trust_checkpoint: bool = False, adapter: bool = False) -> dict:
+    """Parameters of an install job. `source` may list several checkpoint files (the folds of
+    one model) separated by ';'. With `adapter`, `source` is a site adapter file."""
     source = str(source).strip()
     if not source:
-        raise UserInputError("Give a model file (.zip), a results folder or an http(s) URL.")
+        raise UserInputError("Give a model file (.zip or nnU-Net checkpoint .pth), a results "
+                             "folder or an http(s) URL.")
     return {"home": str(home.root), "source": source, "name": name or None,
-            "sha256": sha256 or None, "trust_checkpoint": bool(trust_checkpoint)}
+            "sha256": sha256 or None, "trust_checkpoint": bool(trust_checkpoint),
+            "adapter": bool(adapter)}
 
 
 def install_model(params: dict, reporter) -> dict:
@@ -765,11 +769,21 @@ def install_model(params: dict, reporter) -> dict:
     store = ModelStore(Home(Path(params["home"])).models)
     reporter.progress(0, 1, stage="install")
     reporter.check_cancelled()
+    sources = [part.strip() for part in params["source"].split(";") if part.strip()]
     try:
-        version = store.install(params["source"], name=params.get("name"),
-                                sha256=params.get("sha256"),
-                                trust_checkpoint=bool(params.get("trust_checkpoint")),
-                                show_progress=False, force=bool(params.get("force")))
+        if params.get("adapter"):
+            from LymphNodeDGSTLib.engine.adapter_store import install_adapter
+
+            version = install_adapter(store, params["source"])
+        elif len(sources) > 1:
+            version = store.install_checkpoints(sources, name=params.get("name"),
+                                                trust_checkpoint=bool(params.get("trust_checkpoint")),
+                                                force=bool(params.get("force")))
+        else:
+            version = store.install(params["source"], name=params.get("name"),
+                                    sha256=params.get("sha256"),
+                                    trust_checkpoint=bool(params.get("trust_checkpoint")),
+                                    show_progress=False, force=bool(params.get("force")))
     except AlreadyInstalled as error:
         raise UserInputError(f"These checkpoints are already installed as {error.ref}; choose "
                              "that version in the model list instead.") from None
@@ -778,6 +792,20 @@ def install_model(params: dict, reporter) -> dict:
                              "again)") from None
     reporter.progress(1, 1, stage="install")
     return {"version": version.ref, "active": store.active_version(version.name) == version.version}
+
+
+def export_adapter_for_row(store, rows: Sequence[ModelRow], selected: int | None,
+                           destination: str | Path) -> str:
+    """Write the selected (adapted) version as a site adapter file; the status text to show."""
+    from LymphNodeDGSTLib.engine.adapter_store import export_adapter
+
+    if selected is None or not 0 <= selected < len(rows):
+        raise UserInputError("Select an adapted version in the table first.")
+    if not str(destination).strip():
+        raise UserInputError("Choose a file to write the adapter to.")
+    path = export_adapter(store, rows[selected].ref, destination)
+    return (f"Wrote {rows[selected].ref} as a site adapter ({path.stat().st_size / 1e6:.2f} MB): "
+            f"{path}. Another site installs it with 'Install adapter' on the same base model.")
 
 
 def device_text(requested: str = "auto") -> str:

@@ -1,0 +1,191 @@
+"""Site adapters: a version as a bitwise-exact safetensors delta over its parent, exported at one
+site and installed onto the same base at another (found by the sha256 of its weights)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, tree_snapshot
+from LymphNodeDGSTLib.engine.adapter_store import export_adapter
+from LymphNodeDGSTLib.engine.adapters import delta_tensors, read_adapter
+from LymphNodeDGSTLib.engine.architectures import create_random_model, write_results_folder
+from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.state_dicts import weights_sha256
+
+CONV = "encoder.stages.1.0.convs.0.conv.weight"          # aliased as decoder.encoder.stages...
+HEAD = "decoder.seg_layers.2.weight"
+BIAS = "encoder.stages.0.0.convs.0.conv.bias"            # nnU-Net initialises biases to 0.0
+
+
+def fold0_weights(folder: Path) -> dict:
+    return load_checkpoint(folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def site_a(tmp_path_factory, tiny_model_folder) -> tuple[Path, dict, Path]:
+    """Home of site A: the foundation as `foundation@1`, a sparse adaptation of it as @2, and
+    @2 exported as an adapter (in-process; the command line is tested below)."""
+    tmp_path = tmp_path_factory.mktemp("site_a")
+    home = tmp_path / "site_a"
+    store = ModelStore(home / "models")
+    store.install(tiny_model_folder, name="foundation", show_progress=False)
+    weights = {k: v.clone() for k, v in fold0_weights(tiny_model_folder).items()}
+    weights[CONV].view(-1)[[0, 5, 700]] += 0.25          # a few entries of an aliased conv
+    weights[CONV].view(-1)[9] *= -1
+    assert weights[BIAS][0].item() == 0.0
+    weights[BIAS][0] = -0.0                               # equal as a float, different bits
+    weights["decoder." + CONV] = weights[CONV]            # keep nnU-Net's alias
+    weights[HEAD] += 0.5                                  # a whole small tensor
+    plans = json.loads((tiny_model_folder / "plans.json").read_text())
+    dataset_json = json.loads((tiny_model_folder / "dataset.json").read_text())
+    adapted = write_results_folder(tmp_path / "adapted", plans, dataset_json, weights)
+    store.add_version("foundation", adapted, {"kind": "adapted", "parent": 1, "parent_fold": "0",
+                                              "method": "dgst", "metrics": {"dice_after": 0.5}},
+                      activate_if_first=False)
+    adapter = export_adapter(store, "foundation@2", tmp_path / "exported.safetensors")
+    return home, weights, adapter
+
+
+def test_adapter_round_trip_is_bitwise_exact_and_small(site_a, tmp_path, tiny_model_folder):
+    """Catches: reconstruction off by one in the index decoding, values compared as floats (the
+    -0.0 change would be lost), aliases not restored, the base found by name instead of weights."""
+    home_a, adapted, _ = site_a
+    adapter = tmp_path / "site.safetensors"
+    run_cli("models", "export-adapter", "foundation@2", str(adapter), home=home_a, check_rc=0)
+    header_length = struct.unpack("<Q", adapter.read_bytes()[:8])[0]
+    assert adapter.read_bytes()[8:9] == b"{" and header_length < adapter.stat().st_size  # no pickle
+    checkpoint_size = (tiny_model_folder / "fold_0" / "checkpoint_final.pth").stat().st_size
+    assert adapter.stat().st_size < 0.2 * checkpoint_size
+
+    home_b = tmp_path / "site_b"                       # the same base, under another name
+    ModelStore(home_b / "models").install(tiny_model_folder, name="lnfm", show_progress=False)
+    result = run_cli("models", "install-adapter", str(adapter), home=home_b, check_rc=0)
+    assert result.stdout.strip() == "lnfm@2"
+    store_b = ModelStore(home_b / "models")
+    version = store_b.resolve("lnfm@2")
+    assert store_b.active_version("lnfm") == 1
+    assert version.metadata["parent"] == 1 and version.metadata["kind"] == "adapter"
+    assert version.metadata["method"] == "dgst" and version.metadata["adapter_origin"] == "foundation@2"
+    rebuilt = fold0_weights(version.path)
+    assert set(rebuilt) == set(adapted)
+    for key in adapted:
+        assert torch.equal(bits(rebuilt[key]), bits(adapted[key])), key
+    assert weights_sha256(rebuilt) == weights_sha256(adapted)
+    assert str(rebuilt[BIAS][0].item()) == "-0.0"
+
+    again = run_cli("models", "install-adapter", str(adapter), home=home_b)
+    assert again.returncode == 2 and "already installed as lnfm@2" in again.stderr
+
+
+def test_delta_encoding_chooses_sparse_gaps_indices_or_dense():
+    """Catches: a dense tensor stored as (bigger) indices+values, or gaps that overflow uint16."""
+    base = {"small": torch.zeros(10), "wide": torch.zeros(200_000), "moved": torch.zeros(100)}
+    new = {"small": torch.ones(10), "wide": torch.zeros(200_000), "moved": torch.zeros(100)}
+    new["wide"][[3, 150_000]] = 1.0                      # a gap over 65535: int64 indices
+    new["moved"][[1, 2]] = 2.0
+    tensors, layout, aliases = delta_tensors(base, new)
+    assert set(tensors) == {"small:dense", "wide:indices", "wide:values", "moved:gaps", "moved:values"}
+    assert tensors["moved:gaps"].dtype == torch.uint16 and tensors["moved:gaps"].tolist() == [2, 1]
+    assert layout["wide"] == {"shape": [200_000], "dtype": "float32"} and aliases == {}
+
+
+def _rewrite(adapter: Path, destination: Path, edit_header=None, edit_tensors=None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(adapter), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    header = json.loads(metadata["header"])
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    metadata["header"] = json.dumps(header)
+    save_file(tensors, str(destination), metadata=metadata)
+    return destination
+
+
+def _write(destination: Path, data: bytes) -> Path:
+    destination.write_bytes(data)
+    return destination
+
+
+def _out_of_range(tensors: dict) -> None:
+    del tensors[f"{CONV}:gaps"]
+    tensors[f"{CONV}:indices"] = torch.tensor([0, 5, 9, 10**6])
+
+
+def _flip_a_value_byte(path: Path) -> None:
+    """Flip one bit inside the stored values of the aliased convolution (a disk or transfer error)."""
+    data = bytearray(path.read_bytes())
+    length = struct.unpack("<Q", data[:8])[0]
+    start, _ = json.loads(data[8:8 + length])[f"{CONV}:values"]["data_offsets"]
+    data[8 + length + start + 1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+BAD_ADAPTERS = {
+    "truncated": (lambda a, d: _write(d, a.read_bytes()[: a.stat().st_size // 2]),
+                  "truncated or corrupted"),
+    "corrupted value": (lambda a, d: (shutil.copy(a, d), _flip_a_value_byte(d)) and d,
+                        "do not match the adapter's checksum"),
+    "not an adapter": (lambda a, d: _write(d, b"PK\x03\x04 not safetensors"),
+                       "truncated or corrupted"),
+    "shape mismatch": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["tensors"][HEAD].update(
+        shape=[2, 8, 1, 1, 1, 1])), "in the base but [2, 8, 1, 1, 1, 1]"),
+    "index out of range": (lambda a, d: _rewrite(a, d, edit_tensors=_out_of_range),
+                           "outside the base's tensor"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(BAD_ADAPTERS))
+def test_bad_adapters_exit_2_and_install_nothing(site_a, tmp_path, tiny_model_folder, defect):
+    """Catches: safetensors errors escaping as tracebacks, a corrupted value installed silently
+    (checksum not checked), shapes or indices not checked before writing into the base."""
+    _, _, adapter = site_a
+    damage, message = BAD_ADAPTERS[defect]
+    bad = damage(adapter, tmp_path / "bad.safetensors")
+    home_b = tmp_path / "site_b"
+    ModelStore(home_b / "models").install(tiny_model_folder, name="lnfm", show_progress=False)
+    before = tree_snapshot(home_b)
+    result = run_cli("models", "install-adapter", str(bad), home=home_b)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert tree_snapshot(home_b) == before
+
+
+def test_adapter_for_another_base_is_refused(site_a, tmp_path):
+    """Catches: install-adapter applying a delta to whatever model is installed."""
+    _, _, adapter = site_a
+    other = create_random_model(tmp_path / "other", seed=1)   # same architecture, other weights
+    home_b = tmp_path / "site_b"
+    ModelStore(home_b / "models").install(other, name="foundation", show_progress=False)
+    before = tree_snapshot(home_b)
+    result = run_cli("models", "install-adapter", str(adapter), home=home_b)
+    assert result.returncode == 2 and "no installed version has the weights" in result.stderr
+    assert "foundation@1" in result.stderr and result.stderr.count("\n") == 1
+    assert tree_snapshot(home_b) == before
+
+
+def test_export_adapter_needs_an_adapted_version_and_writes_nothing_on_refusal(site_a, tmp_path):
+    """Catches: an installed (parentless) version exported as a 'delta' of nothing, a refused
+    export leaving a file behind, the parent's identity or nnU-Net's aliases missing from the header."""
+    home_a, _, adapter = site_a
+    target = tmp_path / "x.safetensors"
+    result = run_cli("models", "export-adapter", "foundation@1", str(target), home=home_a)
+    assert result.returncode == 2 and "no parent" in result.stderr and not target.exists()
+    header = read_adapter(adapter).header
+    assert header["parent"]["name"] == "foundation" and header["parent"]["version"] == 1
+    assert header["record"]["method"] == "dgst" and header["aliases"]["decoder." + CONV] == CONV
