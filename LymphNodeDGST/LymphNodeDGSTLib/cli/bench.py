@@ -40,11 +40,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "1 seed, 4 iterations, cropped images (under 90 s)")
     adapt.add_argument("--resume", action="store_true", help="keep the runs already in OUTPUT/runs.jsonl")
     adapt.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    from LymphNodeDGSTLib.cli import bench_select
+    bench_select.register(benchmarks)
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
     from LymphNodeDGSTLib.demo.bench_adapt import BenchConfig, run_benchmark, smoke_config
 
+    if args.bench_command == "select":
+        from LymphNodeDGSTLib.cli import bench_select
+        return bench_select.handle(args, home)
     if args.bench_command != "adapt":
         raise UserInputError("bench: choose a benchmark: adapt")
     config = smoke_config() if args.smoke else BenchConfig()

@@ -12,7 +12,7 @@ import traceback
 from types import ModuleType
 from typing import Sequence
 
-from LymphNodeDGSTLib.cli import adapt, bench, cases, demo, jobs, models, phantom, segment
+from LymphNodeDGSTLib.cli import adapt, bench, cases, demo, jobs, models, phantom, rank, segment
 from LymphNodeDGSTLib.cli.options import CommandParser
 from LymphNodeDGSTLib.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,  # noqa: F401 (re-exported)
                                      Cancelled, OutOfMemory, UserInputError)
@@ -20,7 +20,7 @@ from LymphNodeDGSTLib.home import resolve_home
 
 # Each command group: a module with COMMAND, register(subparsers) and handle(args, home), in the
 # order `lndgst --help` lists them.
-COMMAND_GROUPS: tuple[ModuleType, ...] = (models, segment, cases, adapt, jobs, phantom, bench, demo)
+COMMAND_GROUPS: tuple[ModuleType, ...] = (models, segment, cases, adapt, rank, jobs, phantom, bench, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from LymphNodeDGSTLib.errors import UserInputError
 JOB_KINDS = {
     "segment": "LymphNodeDGSTLib.jobs.segment_job:run",
     "adapt": "LymphNodeDGSTLib.adaptation.adapt:run_job",
+    "rank": "LymphNodeDGSTLib.jobs.rank_job:run",
 }
 
 
