@@ -47,7 +47,7 @@ class RankedImage:
 
     @property
     def most_doubtful(self) -> dict | None:
-        nodes = self.entry.get("nodes") or []
+        nodes = self.entry.get("node_doubts") or []
         return nodes[0] if nodes else None
 
 

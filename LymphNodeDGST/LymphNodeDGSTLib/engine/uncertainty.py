@@ -89,7 +89,7 @@ class UncertaintyResult:
     def summary(self) -> dict:
         """JSON-ready scores and nodes (no arrays)."""
         return {"score": self.scores.score, **asdict(self.scores), "mirrors": self.mirrors,
-                "nodes": [asdict(n) for n in self.nodes], "model": self.model,
+                "node_doubts": [asdict(n) for n in self.nodes], "model": self.model,
                 "seconds": round(self.seconds, 2), "warnings": self.warnings}
 
 
