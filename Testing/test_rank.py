@@ -31,8 +31,8 @@ def tiny_segmenter(tmp_path_factory, tiny_model_folder) -> Segmenter:
 
 def test_uncertainty_pass_gives_segments_accurate_label(tiny_segmenter):
     """The uncertainty pass is `segment` without --fast plus maps, not a different segmentation.
-    Catches: the mirrored mean computed differently from nnU-Net (e.g. dividing by the flips
-    only, or averaging probabilities), and a label taken from the wrong channel."""
+    Catches (checked by hand): one mirrored prediction left out of the average
+    (`combinations[:-1]`); also meant for a label taken from the wrong channel."""
     image = make_ct(shape_zyx=(20, 56, 60), spacing_xyz=(1.1, 1.2, 3.0), seed=3)
     expected = tiny_segmenter.segment(image, fast=False).label
     result = segment_with_uncertainty(tiny_segmenter, image)
@@ -46,8 +46,8 @@ def test_uncertainty_pass_gives_segments_accurate_label(tiny_segmenter):
 def test_failing_phantom_ranks_above_succeeding_one(tmp_path):
     """The demo model (trained on site A) succeeds on a site-A phantom and fails on a site-B one;
     the site-B phantom must score higher and rank first. Both are cropped to one sliding-window
-    tile. Catches: a score that ignores the disagreement and entropy maps (e.g. a constant, or
-    the predicted volume alone), and a ranking in ascending order."""
+    tile. Catches (checked by hand): a score that ignores the maps (`score` returning a
+    constant); also meant for a ranking in ascending order."""
     from LymphNodeDGSTLib.adaptation.metrics import image_dice
     from LymphNodeDGSTLib.demo.bench_adapt import cropped
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
@@ -79,8 +79,8 @@ def _write_cts(folder: Path, seeds) -> None:
 
 
 def test_cache_is_reused_and_only_new_images_are_scored(tiny_segmenter, tmp_path, monkeypatch):
-    """Catches: a cache that is never read (every image scored again), keyed by path instead of
-    content (a renamed copy scored again), or not written."""
+    """Catches (checked by hand): a cache that is never read (`cached = None`: 3 passes, not 1);
+    also meant for a cache keyed by path (the renamed copy would be scored again)."""
     folder, cache = tmp_path / "cts", tmp_path / "cache"
     _write_cts(folder, [1, 2])
     first = rank_folder(folder, tiny_segmenter, cache_root=cache)
@@ -106,8 +106,8 @@ def test_cache_is_reused_and_only_new_images_are_scored(tiny_segmenter, tmp_path
 
 def test_bad_files_are_reported_per_file_and_the_job_completes(installed_home, tmp_path):
     """`lndgst rank` on a folder with one good CT and five bad entries: exit 0, every entry in
-    the CSV, the bad ones skipped with their reason. Catches: one bad file failing the job (the
-    per-file try/except removed), bad files dropped silently, the non-CT check removed."""
+    the CSV, the bad ones skipped with their reason. Catches (checked by hand): the non-CT
+    intensity check removed (the label image gets ranked); also meant for bad files dropped."""
     folder = tmp_path / "mixed"
     _write_cts(folder, [1])
     (folder / "notes.txt").write_text("not an image")
@@ -160,7 +160,7 @@ def test_cancel_keeps_what_was_scored(tiny_segmenter, tmp_path):
 
 def test_diverse_order_spreads_near_duplicates():
     """Two near-identical top scans: the second one drops behind a different, less uncertain
-    scan. Catches: ordering by score alone (the distance term removed or FLOOR = 1)."""
+    scan. Catches (checked by hand): ordering by score alone (FLOOR = 1)."""
     scores = [1.0, 0.98, 0.7, 0.1]
     features = [[0.0, 0.0], [0.01, 0.0], [5.0, 5.0], [5.0, -5.0]]
     assert diverse_order(scores, features) == [0, 2, 1, 3]
