@@ -43,6 +43,8 @@ from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_DEFAULT_METHOD, ADAPT_ME
                                     write_curve_png, write_segmentation_input)
 
 from LymphNodeDGSTLib.slicer_bridge.panel import folder_result_text, submit_folder_segmentation
+from LymphNodeDGSTLib.slicer_bridge.ranking_panel import (RANK_BUTTONS, RANK_JOB_KIND, doubtful_point_ras,
+    library_hashes, loaded_volumes_to_rank, rank_rows, start_rank_job)  # noqa: E128
 
 HOME_SETTING = "LymphNodeDGST/Home"
 DOCUMENTATION_URL = "https://github.com/lymphnode-dgst/SlicerLymphNodeDGST#readme"
@@ -145,6 +147,7 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+        self.setupRankSection()
         self.checkDependencies()
 
     def cleanup(self):
@@ -543,6 +546,49 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if "files" in context:
                 context["files"].remove()
             self.updateControls()
+
+    # ------------------------------------------------------------------ which case next (ranking)
+    def setupRankSection(self):
+        self.layout.addWidget(section := slicer.util.loadUI(self.resourcePath("UI/LymphNodeDGSTRank.ui")))  # own .ui
+        self.rankUi, self.rankRows, self.rankFollower, self.rankContext = slicer.util.childWidgetVariables(section), [], None, {}
+        self.rankUi.rankLoadedButton.connect("clicked(bool)", lambda: self.onRank(folder=False))
+        self.rankUi.rankFolderButton.connect("clicked(bool)", lambda: self.onRank(folder=True))
+        self.rankUi.rankTableWidget.connect("cellDoubleClicked(int,int)", self.onRankRowActivated)
+
+    def onRank(self, folder):
+        if self.rankFollower is not None:  # the buttons read "Cancel ranking" while it runs
+            return self.rankFollower.cancel()
+        with slicer.util.tryWithErrorDisplay("Could not start the ranking.", waitCursor=True):
+            chosen = (qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), RANK_BUTTONS[1]) if folder
+                      else loaded_volumes_to_rank(self.logic.home, slicer.mrmlScene))
+            if chosen:
+                self.rankFollower, self.rankContext = start_rank_job(self.logic.jobs, self.logic.home, chosen,
+                    self.selectedModel(), self._parameterNode.device, python=worker_python())  # noqa: E128
+                self.rankUi.rankLoadedButton.text = self.rankUi.rankFolderButton.text = "Cancel ranking"
+                qt.QTimer.singleShot(POLL_INTERVAL_MS, self.onRankPoll)
+
+    def onRankPoll(self):
+        _, summary = self.rankFollower.poll()
+        self.rankUi.rankStatusLabel.text = summary.status_text()
+        if not summary.finished:
+            return qt.QTimer.singleShot(POLL_INTERVAL_MS, self.onRankPoll)
+        self.rankFollower, (self.rankUi.rankLoadedButton.text, self.rankUi.rankFolderButton.text) = None, RANK_BUTTONS
+        self.rankRows = rank_rows(summary.result or {}, library_hashes(self.logic.library()), self.rankContext)
+        self.fillTable(self.rankUi.rankTableWidget, [row.cells() for row in self.rankRows])
+        if summary.state == "failed":
+            slicer.util.errorDisplay(failure_text(RANK_JOB_KIND, summary))
+
+    def onRankRowActivated(self, row, column):  # load (unless loaded), go to the most doubtful node, segment
+        if 0 <= row < len(self.rankRows) and self.rankRows[row].rank is not None:
+            with slicer.util.tryWithErrorDisplay("Could not open the CT.", waitCursor=True):
+                chosen = self.rankRows[row]
+                volume = slicer.mrmlScene.GetNodeByID(chosen.volume_node_id or "") or slicer.util.loadVolume(chosen.path)
+                self._parameterNode.inputVolume = volume
+                slicer.util.setSliceViewerLayers(background=volume, fit=True)
+                if (point := doubtful_point_ras(chosen)) is not None:
+                    slicer.modules.markups.logic().JumpSlicesToLocation(*point, True)
+                if self.machine.job_kind is None:
+                    self.onApply()
 
 
 class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):

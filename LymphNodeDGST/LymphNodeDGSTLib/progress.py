@@ -11,6 +11,7 @@ STAGE_NAMES = {
     "preprocess": "preprocessing",
     "predict": "sliding window",
     "resample": "resampling",
+    "rank": "ranking (per mille)",
 }
 
 

@@ -52,11 +52,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "best on held-out training-site phantoms is used for the test runs")
     adapt.add_argument("--validation", type=int, help="held-out training-site phantoms scoring each "
                        "tuning run (default 2)")
+    from LymphNodeDGSTLib.cli import bench_select
+    bench_select.register(benchmarks)
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
     from LymphNodeDGSTLib.demo.bench_adapt import BenchConfig, report_from_runs, run_benchmark, smoke_config
 
+    if args.bench_command == "select":
+        from LymphNodeDGSTLib.cli import bench_select
+        return bench_select.handle(args, home)
     if args.bench_command != "adapt":
         raise UserInputError("bench: choose a benchmark: adapt")
     if args.report_only:

@@ -13,7 +13,7 @@ import traceback
 from types import ModuleType
 from typing import Sequence
 
-from LymphNodeDGSTLib.cli import adapt, bench, cases, cohort, demo, jobs, models, phantom, segment
+from LymphNodeDGSTLib.cli import adapt, bench, cases, cohort, demo, jobs, models, phantom, rank, segment
 from LymphNodeDGSTLib.cli.options import CommandParser
 from LymphNodeDGSTLib.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,  # noqa: F401 (re-exported)
                                      Cancelled, OutOfMemory, UserInputError, WriteFailed,
@@ -22,7 +22,8 @@ from LymphNodeDGSTLib.home import home_problem, resolve_home
 
 # Each command group: a module with COMMAND, register(subparsers) and handle(args, home), in the
 # order `lndgst --help` lists them.
-COMMAND_GROUPS: tuple[ModuleType, ...] = (models, segment, cohort, cases, adapt, jobs, phantom, bench, demo)
+COMMAND_GROUPS: tuple[ModuleType, ...] = (models, segment, cohort, cases, adapt, rank, jobs, phantom, bench,
+                                          demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

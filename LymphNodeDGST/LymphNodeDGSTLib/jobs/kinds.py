@@ -13,6 +13,7 @@ JOB_KINDS = {
     "segment": "LymphNodeDGSTLib.jobs.segment_job:run",
     "segment_folder": "LymphNodeDGSTLib.jobs.cohort_job:run",
     "adapt": "LymphNodeDGSTLib.adaptation.adapt:run_job",
+    "rank": "LymphNodeDGSTLib.jobs.rank_job:run",
 }
 
 

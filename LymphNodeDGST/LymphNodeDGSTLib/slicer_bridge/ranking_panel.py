@@ -1,0 +1,117 @@
+"""The panel's "Which case next?" table: logic only (no Qt), the widget only shows the rows.
+
+The loaded volumes (written to a job folder as NRRD) or a chosen folder are ranked by the `rank`
+background job; its result becomes one table row per CT, most useful first, with the skipped
+entries and their reasons at the end. A row whose CT is already in the case library (same voxel
+hash as a library case) is marked. Double-clicking a row loads the CT if it is a file, segments
+it, and centres the views on its most doubtful node (`doubtful_point_ras`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from LymphNodeDGSTLib.errors import UserInputError
+from LymphNodeDGSTLib.home import Home
+
+RANK_JOB_KIND = "rank"
+RANK_COLUMNS = ("#", "CT", "score", "in library", "most doubtful node")
+RANK_BUTTONS = ("Rank loaded volumes", "Rank a folder...")
+
+
+@dataclass
+class RankRow:
+    path: str
+    name: str
+    rank: int | None
+    score: float | None
+    in_library: bool
+    most_doubtful: dict | None
+    reason: str = ""
+    volume_node_id: str | None = None     # set when the row is a loaded volume
+
+    def cells(self) -> list[str]:
+        node = self.most_doubtful or {}
+        where = (f"{node.get('kind', 'node')}, doubt {node.get('doubt', 0):.2f}" if node else "")
+        if self.rank is None:
+            return ["-", self.name, "skipped", "", self.reason]
+        return [str(self.rank), self.name, f"{self.score:.3f}", "yes" if self.in_library else "", where]
+
+
+def rank_inputs_folder(home: Home) -> Path:
+    """A fresh folder under the home for the loaded volumes to be ranked."""
+    folder = home.root / "rank_inputs" / uuid.uuid4().hex[:12]
+    folder.mkdir(parents=True)
+    return folder
+
+
+def write_volumes_for_ranking(volume_nodes: Sequence[Any], folder: Path) -> dict[str, str]:
+    """Each scalar volume node as FOLDER/NNN.nrrd (atomically); {path: node id}."""
+    from LymphNodeDGSTLib.engine.images import write_image_atomic
+    from LymphNodeDGSTLib.slicer_bridge.mrml import volume_node_to_sitk
+
+    paths = {}
+    for index, node in enumerate(volume_nodes):
+        path = folder / f"{index:03d}.nrrd"
+        write_image_atomic(volume_node_to_sitk(node), path, compress=False)
+        paths[str(path)] = node.GetID()
+    return paths
+
+
+def rank_job_params(home: Home, folder: str | Path, model: str | None = None, device: str = "auto") -> dict:
+    return {"folder": str(folder), "model": model or None, "device": device, "home": str(home.root)}
+
+
+def loaded_volumes_to_rank(home: Home, scene) -> dict | None:
+    """The scene's scalar (non-label) volumes written for a rank job: {"folder", "names",
+    "node_ids"} (names and node ids by written path); a UserInputError when none is loaded."""
+    collection = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    nodes = [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+    if not nodes:
+        raise UserInputError("Load one or more CT volumes first.")
+    folder = rank_inputs_folder(home)
+    node_ids = write_volumes_for_ranking(nodes, folder)
+    names = {path: scene.GetNodeByID(node_id).GetName() for path, node_id in node_ids.items()}
+    return {"folder": str(folder), "names": names, "node_ids": node_ids}
+
+
+def start_rank_job(manager, home: Home, chosen: str | dict, model: str | None = None, device: str = "auto",
+                   python: str | None = None):
+    """Submit the rank job for a folder (str) or written volumes (`loaded_volumes_to_rank`);
+    (a JobFollower, the context `rank_rows` needs)."""
+    from LymphNodeDGSTLib.slicer_bridge.panel import JobFollower
+
+    context = chosen if isinstance(chosen, dict) else {"folder": str(chosen)}
+    job = manager.submit(RANK_JOB_KIND, rank_job_params(home, context["folder"], model, device), python=python)
+    return JobFollower(manager, job.id), context
+
+
+def library_hashes(library) -> set[str]:
+    return {record.metadata.get("image_sha256") for record in library.list()} - {None}
+
+
+def rank_rows(result: dict, in_library: set[str], context: dict | None = None) -> list[RankRow]:
+    """Table rows from a finished rank job's result: ranked CTs, then skipped entries
+    (`context`: names and node ids by path, for loaded volumes)."""
+    names, node_ids = (context or {}).get("names") or {}, (context or {}).get("node_ids") or {}
+    rows = [RankRow(r["path"], names.get(r["path"], Path(r["path"]).name), r["rank"], r["score"],
+                    r.get("image_sha256") in in_library, r.get("most_doubtful"),
+                    volume_node_id=node_ids.get(r["path"]))
+            for r in result.get("ranked", [])]
+    rows += [RankRow(r["path"], names.get(r["path"], Path(r["path"]).name), None, None, False, None,
+                     r.get("reason", ""), node_ids.get(r["path"]))
+             for r in result.get("skipped", [])]
+    return rows
+
+
+def doubtful_point_ras(row: RankRow) -> tuple[float, float, float] | None:
+    """The most doubtful node's centroid in RAS (the ranking reports LPS: x and y negated)."""
+    node = row.most_doubtful or {}
+    point = node.get("centroid_lps_mm")
+    if not point:
+        return None
+    return (-float(point[0]), -float(point[1]), float(point[2]))
