@@ -8,7 +8,6 @@ Core modules that need torch or nnU-Net are imported only once the packages are 
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -27,22 +26,14 @@ from LymphNodeDGSTLib.slicer_bridge import dependencies
 from LymphNodeDGSTLib.slicer_bridge.editor import EmbeddedSegmentEditor
 from LymphNodeDGSTLib.slicer_bridge.reporting import reported
 from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.jobs.manager import JobManager
-from LymphNodeDGSTLib.slicer_bridge.panel import BACKEND_CHOICES
-from LymphNodeDGSTLib.slicer_bridge.panel import (ADAPT_DEFAULT_METHOD, ADAPT_METHODS, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
-                                    MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS,
-                                    JobFollower, PanelStateMachine, adapt_blocker, adapt_request,
-                                    adaptation_outcome, case_rows, device_text,
-                                    export_adapter_for_row, failure_text,
-                                    home_from_setting, import_segmentation_result,
-                                    install_job_params, model_rows, new_segmentation_files,
-                                    node_centroid_world, node_table_cells, running_job,
-                                    save_case_from_segmentation, segment_blocker,
-                                    segment_editor_node, segment_in_process, selected_model_name,
-                                    submit_adaptation, submit_segmentation, worker_python,
-                                    write_curve_png, write_segmentation_input)
-
-from LymphNodeDGSTLib.slicer_bridge.panel import folder_result_text, submit_folder_segmentation
+from LymphNodeDGSTLib.slicer_bridge.module_logic import ModuleLogic
+from LymphNodeDGSTLib.slicer_bridge.panel import (
+    ADAPT_DEFAULT_METHOD, ADAPT_METHODS, BACKEND_CHOICES, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
+    MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS, JobFollower, PanelStateMachine, adapt_blocker,
+    adapt_request, adaptation_outcome, device_text, export_adapter_for_row, failure_text,
+    folder_result_text, home_from_setting, install_job_params, node_centroid_world, node_table_cells,
+    running_job, segment_blocker, selected_model_name, submit_folder_segmentation, worker_python,
+    write_curve_png)
 from LymphNodeDGSTLib.slicer_bridge.ranking_panel import (RANK_BUTTONS, RANK_JOB_KIND, doubtful_point_ras,
     library_hashes, loaded_volumes_to_rank, rank_rows, start_rank_job)  # noqa: E128
 
@@ -558,13 +549,14 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRank(self, folder):
         if self.rankFollower is not None:  # the buttons read "Cancel ranking" while it runs
             return self.rankFollower.cancel()
-        with slicer.util.tryWithErrorDisplay("Could not start the ranking.", waitCursor=True):
-            chosen = (qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), RANK_BUTTONS[1]) if folder
-                      else loaded_volumes_to_rank(self.logic.home, slicer.mrmlScene))
+        chosen = (qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), RANK_BUTTONS[1]) if folder
+                  else True)  # the dialog first: no wait cursor over it
+        with reported(_("Could not start the ranking."), self.showError), slicer.util.WaitCursor():
+            chosen = chosen if folder else loaded_volumes_to_rank(self.logic.home, slicer.mrmlScene)
             if chosen:
                 self.rankFollower, self.rankContext = start_rank_job(self.logic.jobs, self.logic.home, chosen,
                     self.selectedModel(), self._parameterNode.device, python=worker_python())  # noqa: E128
-                self.rankUi.rankLoadedButton.text = self.rankUi.rankFolderButton.text = "Cancel ranking"
+                self.rankUi.rankLoadedButton.text = self.rankUi.rankFolderButton.text = _("Cancel ranking")
                 qt.QTimer.singleShot(POLL_INTERVAL_MS, self.onRankPoll)
 
     def onRankPoll(self):
@@ -580,7 +572,7 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRankRowActivated(self, row, column):  # load (unless loaded), go to the most doubtful node, segment
         if 0 <= row < len(self.rankRows) and self.rankRows[row].rank is not None:
-            with slicer.util.tryWithErrorDisplay("Could not open the CT.", waitCursor=True):
+            with reported(_("Could not open the CT."), self.showError), slicer.util.WaitCursor():
                 chosen = self.rankRows[row]
                 volume = slicer.mrmlScene.GetNodeByID(chosen.volume_node_id or "") or slicer.util.loadVolume(chosen.path)
                 self._parameterNode.inputVolume = volume
@@ -591,84 +583,22 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.onApply()
 
 
-class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic):
-    """A thin facade over LymphNodeDGSTLib, usable without the widget (and by the self-test)."""
+class LymphNodeDGSTLogic(ScriptedLoadableModuleLogic, ModuleLogic):
+    """Slicer's logic class over ModuleLogic (slicer_bridge/module_logic.py), usable without the
+    widget (and by the self-test)."""
 
     def __init__(self, home=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.home = home or home_from_setting(qt.QSettings().value(HOME_SETTING, ""))
-        self._segmenter, self._segmenterKey = None, None
+        ModuleLogic.__init__(self, home or home_from_setting(qt.QSettings().value(HOME_SETTING, "")),
+                             slicer.mrmlScene)
 
     def getParameterNode(self):
         return LymphNodeDGSTParameterNode(super().getParameterNode())
-
-    @property
-    def jobs(self):
-        return JobManager(self.home.jobs)
-
-    def store(self):
-        from LymphNodeDGSTLib.engine.models import ModelStore
-
-        return ModelStore(self.home.models)
-
-    def library(self):
-        from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
-
-        return CaseLibrary(self.home.cases)
-
-    def ensureDefaultModel(self):
-        from LymphNodeDGSTLib.demo.demo_model import ensure_default_model
-
-        return ensure_default_model(self.store())
-
-    def modelRows(self):
-        return model_rows(self.store())
-
-    def caseRows(self):
-        return case_rows(self.library())
-
-    def activate(self, name, version):
-        return self.store().activate(name, int(version))
-
-    def rollback(self, name):
-        return self.store().rollback(name)
-
-    def segmentEditorNode(self):
-        return segment_editor_node(slicer.mrmlScene)
-
-    def startSegmentation(self, volumeNode, model=None, device="auto", fast=False, backend="auto"):
-        """Write the CT for a background segmentation job and start it: (JobInfo, files)."""
-        if volumeNode is None:
-            raise UserInputError("Select the CT volume to segment.")
-        files = new_segmentation_files(self.home)
-        try:
-            write_segmentation_input(volumeNode, files)
-            return submit_segmentation(self.jobs, self.home, files, model, device, fast,
-                                       python=worker_python(), backend=backend), files
-        except Exception:
-            files.remove()
-            raise
-
-    def importSegmentation(self, files, volumeNode, segmentationNode=None, tableNode=None):
-        return import_segmentation_result(files, volumeNode, slicer.mrmlScene, segmentationNode, tableNode)
-
-    def segmentInProcess(self, volumeNode, segmentationNode=None, model=None, device="auto", fast=True):
-        from LymphNodeDGSTLib.engine.inference import Segmenter
-
-        if self._segmenterKey != (self.home.models, device):  # kept loaded between calls
-            self._segmenter, self._segmenterKey = Segmenter(self.store(), device=device), (self.home.models, device)
-        return segment_in_process(self._segmenter, volumeNode, slicer.mrmlScene, model, fast, segmentationNode)
 
     def jumpToNode(self, row, volumeNode=None):
         """Centre the slice views on a report row's node (RAS = LPS centroid with x, y negated)."""
         x, y, z = node_centroid_world(row, volumeNode)
         slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
-
-    def saveTrainingCase(self, volumeNode, segmentationNode, selectedSegmentId=None, caseId=None):
-        return save_case_from_segmentation(self.library(), volumeNode, segmentationNode, selectedSegmentId, caseId)
-
-    def startAdaptation(self, request):
-        return submit_adaptation(self.jobs, self.home, request, python=worker_python())
 
 
 class LymphNodeDGSTTest(ScriptedLoadableModuleTest):
@@ -700,44 +630,8 @@ class LymphNodeDGSTTest(ScriptedLoadableModuleTest):
 
     def test_segment_save_case_and_adapt(self):
         from LymphNodeDGSTLib.home import Home
-        from LymphNodeDGSTLib.slicer_bridge.mrml import labelmap_array_to_segmentation, sitk_image_to_volume_node
-        from LymphNodeDGSTLib.demo.phantom import generate_phantom
-        import SimpleITK as sitk
+        from LymphNodeDGSTLib.slicer_bridge.selftest import segment_save_case_and_adapt
 
         logic = LymphNodeDGSTLogic(home=Home(Path(tempfile.mkdtemp(prefix="lndgst-selftest-"))))
-        self.delayDisplay("Installing the demo model")
-        model = logic.ensureDefaultModel()
-        self.assertIsNotNone(model, "the bundled demo model (Resources/DemoModel) is missing")
-        phantom = generate_phantom("B", 7)
-        volume = sitk_image_to_volume_node(phantom.image, slicer.mrmlScene, "phantom CT")
-
-        self.delayDisplay("Segmenting (in-process, fast)")
-        segmentation, table, rows = logic.segmentInProcess(volume, fast=True)
-        self.assertTrue(segmentation.GetSegmentation().GetSegmentIdBySegmentName("lymph node"))
-        self.assertEqual(table.GetNumberOfRows(), len(rows))
-        if rows:
-            logic.jumpToNode(rows[0], volume)
-
-        self.delayDisplay("Correcting (the phantom's truth plays the clinician) and saving a case")
-        labelmap_array_to_segmentation(sitk.GetArrayFromImage(phantom.label), volume, slicer.mrmlScene,
-                                       segmentation_node=segmentation)
-        record = logic.saveTrainingCase(volume, segmentation, caseId="selftest")
-        self.assertEqual(record.id, "selftest")
-        self.assertGreater(record.metadata["label_voxels"], 0)
-
-        self.delayDisplay("Adapting (a few iterations, background job, not activated)")
-        name = model.partition("@")[0]
-        job = logic.startAdaptation(adapt_request(name, iterations=4, iterations_per_epoch=2))
-        follower, deadline = JobFollower(logic.jobs, job.id), time.monotonic() + 1800
-        _, summary = follower.poll()
-        while not summary.finished:
-            self.assertLess(time.monotonic(), deadline, f"adaptation still running: {summary.status_text()}")
-            slicer.app.processEvents()
-            time.sleep(0.5)
-            _, summary = follower.poll()
-        self.assertEqual(summary.state, "done", summary.error)
-        outcome = adaptation_outcome(summary.result)
-        self.assertEqual(outcome.parent, model)
-        self.assertEqual(logic.store().active_version(name), 1)  # the user chooses, not the job
-        self.assertEqual(len(logic.store().versions(name)), 2)
-        self.delayDisplay(f"Test passed: {outcome.text()}")
+        outcome = segment_save_case_and_adapt(logic, slicer.mrmlScene, self.delayDisplay, slicer.app.processEvents)
+        self.delayDisplay(_("Test passed: {outcome}").format(outcome=outcome))

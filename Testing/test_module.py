@@ -143,7 +143,7 @@ def test_module_file_defines_the_four_classes_on_slicers_bases():
     bases = {name: [ast.unparse(base) for base in node.bases] for name, node in CLASSES.items()}
     assert bases["LymphNodeDGST"] == ["ScriptedLoadableModule"]
     assert bases["LymphNodeDGSTWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert bases["LymphNodeDGSTLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["LymphNodeDGSTLogic"] == ["ScriptedLoadableModuleLogic", "ModuleLogic"]
     assert bases["LymphNodeDGSTTest"] == ["ScriptedLoadableModuleTest"]
     decorators = [ast.unparse(d) for d in CLASSES["LymphNodeDGSTParameterNode"].decorator_list]
     assert decorators == ["parameterNodeWrapper"]
@@ -210,7 +210,7 @@ def test_every_ui_widget_the_code_uses_is_in_the_ui_file():
 
 def test_core_imports_name_real_modules_and_attributes():
     resolved = core_imports()
-    assert {"dependencies", "JobFollower", "PanelStateMachine", "submit_adaptation"} <= set(resolved)
+    assert {"dependencies", "JobFollower", "PanelStateMachine", "ModuleLogic"} <= set(resolved)
     modules = {name: value for name, value in resolved.items() if inspect.ismodule(value)}
     for node in ast.walk(TREE):  # module.attribute uses, e.g. dependencies.plan_installation
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
@@ -236,9 +236,19 @@ def test_calls_into_the_core_bind_to_the_real_signatures():
     assert checked > 30
 
 
+def unbound(function) -> inspect.Signature:
+    """A plain method's signature without `self`."""
+    signature = inspect.signature(function)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def test_calls_to_the_logic_and_own_methods_bind():
-    logic = methods("LymphNodeDGSTLogic")
-    logic_attributes = set(logic) | {"home", "_segmenter", "_segmenterKey"}
+    from LymphNodeDGSTLib.slicer_bridge.module_logic import ModuleLogic
+
+    logic = dict(methods("LymphNodeDGSTLogic"))
+    bridge = {name: member for name, member in vars(ModuleLogic).items()
+              if inspect.isfunction(member) and name not in logic}
+    logic_attributes = set(logic) | set(vars(ModuleLogic)) | {"home", "scene", "_segmenter", "_segmenterKey"}
     for class_name, own_extra in (("LymphNodeDGSTWidget", WIDGET_BASE_ATTRIBUTES),
                                   ("LymphNodeDGSTTest", TEST_BASE_ATTRIBUTES)):
         own = methods(class_name)
@@ -248,12 +258,14 @@ def test_calls_to_the_logic_and_own_methods_bind():
                 if chain == ["logic"] or not chain:
                     func = node.func  # `logic.method(...)`: the self-test's own LymphNodeDGSTLogic
                     if isinstance(func, ast.Attribute) and ast.unparse(func.value) == "logic":
-                        assert func.attr in logic, ast.unparse(func)
-                        bind(signature_of(logic[func.attr]), node, ast.unparse(func))
+                        assert func.attr in logic or func.attr in bridge, ast.unparse(func)
+                        bind(signature_of(logic[func.attr]) if func.attr in logic else unbound(bridge[func.attr]),
+                             node, ast.unparse(func))
                     continue
                 if chain[0] == "logic" and len(chain) == 2:
-                    assert chain[1] in logic, f"LymphNodeDGSTLogic has no {chain[1]}"
-                    bind(signature_of(logic[chain[1]]), node, f"logic.{chain[1]}")
+                    assert chain[1] in logic or chain[1] in bridge, f"LymphNodeDGSTLogic has no {chain[1]}"
+                    bind(signature_of(logic[chain[1]]) if chain[1] in logic else unbound(bridge[chain[1]]),
+                         node, f"logic.{chain[1]}")
                 elif len(chain) == 1:
                     assert chain[0] in own or chain[0] in own_extra, f"{class_name} has no {chain[0]}"
                     if chain[0] in own:
@@ -292,7 +304,7 @@ def test_no_algorithm_code_when_slicer_loads_the_module():
                "LymphNodeDGSTLib", "LymphNodeDGSTLib.errors", "LymphNodeDGSTLib.jobs.manager",
                "LymphNodeDGSTLib.slicer_bridge", "LymphNodeDGSTLib.slicer_bridge.panel",
                "LymphNodeDGSTLib.slicer_bridge.editor", "LymphNodeDGSTLib.slicer_bridge.reporting",
-               "LymphNodeDGSTLib.slicer_bridge.ranking_panel"}
+               "LymphNodeDGSTLib.slicer_bridge.ranking_panel", "LymphNodeDGSTLib.slicer_bridge.module_logic"}
     top_level = set()
     for node in TREE.body:
         if isinstance(node, ast.Import):
@@ -326,9 +338,14 @@ def test_self_test_runs_the_whole_loop_with_real_calls():
     run_calls = {ast.unparse(n.func) for n in ast.walk(test["runTest"]) if isinstance(n, ast.Call)}
     assert {f"self.{name}" for name in test if name.startswith("test_")} <= run_calls
     calls = {ast.unparse(n.func) for n in ast.walk(CLASSES["LymphNodeDGSTTest"]) if isinstance(n, ast.Call)}
+    assert "segment_save_case_and_adapt" in calls  # the loop itself is plain Python (selftest.py)
+    loop_file = MODULE_FILE.parent / "LymphNodeDGSTLib" / "slicer_bridge" / "selftest.py"
+    loop = next(node for node in ast.walk(ast.parse(loop_file.read_text(encoding="utf-8")))
+                if isinstance(node, ast.FunctionDef) and node.name == "segment_save_case_and_adapt")
+    loop_calls = {ast.unparse(n.func) for n in ast.walk(loop) if isinstance(n, ast.Call)}
     assert {"generate_phantom", "sitk_image_to_volume_node", "logic.ensureDefaultModel",
             "logic.segmentInProcess", "logic.saveTrainingCase", "logic.startAdaptation",
-            "adapt_request", "follower.poll"} <= calls
+            "adapt_request", "follower.poll"} <= loop_calls
 
 
 # --------------------------------------------------------------------------- the .ui file

@@ -8,6 +8,9 @@ training case saved into a case library. Nothing here imports torch (pytest chec
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import numpy as np
 import SimpleITK as sitk
 import vtk
@@ -48,3 +51,49 @@ def scene_and_case_library(scene, library) -> list[str]:
           "the training case holds the segment's voxels")
     check([row.id for row in case_rows(library)] == ["selftest"], "the case is listed")
     return ["scene round trip", "terminology", "training case"]
+
+
+def segment_save_case_and_adapt(logic, scene, say: Callable[[str], None], idle: Callable[[], None],
+                                timeout_s: float = 1800) -> str:
+    """The whole loop where torch and nnU-Net are installed: install the demo model, segment a
+    site-B phantom in-process, save its truth as a corrected case, adapt for a few iterations in a
+    background job (not activated). `logic` is the module's logic, `say` shows a step, `idle` keeps
+    the application responsive while waiting. Returns the adaptation's outcome text."""
+    from LymphNodeDGSTLib.demo.phantom import generate_phantom
+    from LymphNodeDGSTLib.slicer_bridge.panel import JobFollower, adapt_request, adaptation_outcome
+
+    say("Installing the demo model")
+    model = logic.ensureDefaultModel()
+    check(model is not None, "the bundled demo model (Resources/DemoModel) is missing")
+    phantom = generate_phantom("B", 7)
+    volume = sitk_image_to_volume_node(phantom.image, scene, "phantom CT")
+
+    say("Segmenting (in-process, fast)")
+    segmentation, table, rows = logic.segmentInProcess(volume, fast=True)
+    check(bool(segmentation.GetSegmentation().GetSegmentIdBySegmentName("lymph node")), "no lymph-node segment")
+    check(table.GetNumberOfRows() == len(rows), "the node table does not match the report")
+    if rows:
+        logic.jumpToNode(rows[0], volume)
+
+    say("Correcting (the phantom's truth plays the clinician) and saving a case")
+    labelmap_array_to_segmentation(sitk.GetArrayFromImage(phantom.label), volume, scene,
+                                   segmentation_node=segmentation)
+    record = logic.saveTrainingCase(volume, segmentation, caseId="selftest")
+    check(record.id == "selftest" and record.metadata["label_voxels"] > 0, "the case was not saved")
+
+    say("Adapting (a few iterations, background job, not activated)")
+    name = model.partition("@")[0]
+    job = logic.startAdaptation(adapt_request(name, iterations=4, iterations_per_epoch=2))
+    follower, deadline = JobFollower(logic.jobs, job.id), time.monotonic() + timeout_s
+    summary = follower.poll()[1]
+    while not summary.finished:
+        check(time.monotonic() < deadline, f"adaptation still running: {summary.status_text()}")
+        idle()
+        time.sleep(0.5)
+        summary = follower.poll()[1]
+    check(summary.state == "done", f"the adaptation ended {summary.state}: {summary.error}")
+    outcome = adaptation_outcome(summary.result)
+    check(outcome.parent == model, "the adaptation did not start from the active model")
+    check(logic.store().active_version(name) == 1, "the job activated its version (the user chooses)")
+    check(len(logic.store().versions(name)) == 2, "the adapted version was not published")
+    return outcome.text()
