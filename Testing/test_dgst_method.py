@@ -171,7 +171,7 @@ def test_masked_step_with_everything_selected_is_plain_sgd_with_weight_decay():
     results = []
     for masked in (True, False):
         network = tiny_unet()
-        policy = dgst.make_policy("dgst", network, gamma=10_000)
+        policy = dgst.make_policy("dgst", network, gamma=10_000, allow_full_selection=True)
         optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1e-2, momentum=0.99,
                                     nesterov=True, weight_decay=0.05)
         stepper = dgst.MaskedStepper(policy)

@@ -296,7 +296,9 @@ class SparseFilterPolicy(UpdatePolicy):
     name = "sparse"
 
     def __init__(self, network: nn.Module, gamma: int = 2, selection_only: bool = False,
-                 sparse_lr_scale: float = 1.0) -> None:
+                 sparse_lr_scale: float = 1.0, allow_full_selection: bool = False) -> None:
+        """`allow_full_selection`: accept a gamma that selects whole kernels (tests comparing the
+        masked step with a plain one); users are refused it, since it is full fine-tuning."""
         super().__init__(network)
         if int(gamma) < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
@@ -307,7 +309,7 @@ class SparseFilterPolicy(UpdatePolicy):
         self.sparse = [info for info in self.infos
                        if info.layout is not None and not info.always_trained]
         largest = max((info.layout.filter_size for info in self.sparse), default=0)
-        if self.sparse and self.gamma >= largest:
+        if self.sparse and self.gamma >= largest and not allow_full_selection:
             raise UserInputError(f"gamma {self.gamma} selects every entry of every kernel (the "
                                  f"largest holds {largest}): that is full fine-tuning; use "
                                  "--method full, or a gamma below that")
@@ -740,15 +742,17 @@ class LoRAPolicy(WholeTensorPolicy):
 
 def make_policy(name: str, network: nn.Module, gamma: int = 2, seed: int = 0,
                 warmup_steps: int = 10, lora_rank: int = 32, lora_alpha: float = 16,
-                lora_dropout: float = 0.1, selection_only: bool = False) -> UpdatePolicy:
+                lora_dropout: float = 0.1, selection_only: bool = False,
+                allow_full_selection: bool = False) -> UpdatePolicy:
     """The update policy called `name` (one of POLICY_NAMES) for `network`.
 
-    `selection_only` (sparse policies only) freezes the always-trained set as well.
+    `selection_only` (sparse policies only) freezes the always-trained set as well;
+    `allow_full_selection` lets a sparse policy take a gamma that covers whole kernels.
     """
     if selection_only and name not in SPARSE_POLICY_NAMES:
         raise ValueError(f"selection-only needs a sparse method ({', '.join(SPARSE_POLICY_NAMES)}), "
                          f"not {name!r}")
-    sparse = {"selection_only": selection_only}
+    sparse = {"selection_only": selection_only, "allow_full_selection": allow_full_selection}
     if name == "dgst":
         return DynamicTopGammaPolicy(network, gamma, **sparse)
     if name == "dgst-split":
