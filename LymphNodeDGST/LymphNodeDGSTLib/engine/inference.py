@@ -160,20 +160,28 @@ class Segmenter:
         'NAME@N', None for the only model) or a ModelVersion (e.g. one not yet published)."""
         version = self._resolve(model)
         predictor = self._predictor_for(version, progress)
+        box = find_body_box(array_zyx, spacing_zyx) if crop_body else None
+        with self._running(predictor, fast, progress, cancel_event):
+            label, body_fraction = self._predict(predictor, array_zyx, spacing_zyx, box, progress)
+        self.backend_choice = start_pending_conversion(self.backend_choice,
+                                                       version.path if version.version > 0 else None)
+        return label, body_fraction
+
+    @contextlib.contextmanager
+    def _running(self, predictor, fast: bool, progress: ProgressCallback | None,
+                 cancel_event: threading.Event | None):
+        """The predictor set up for one run (mirroring, progress, cancel); out of memory becomes
+        OutOfMemory with advice; the callbacks are dropped afterwards."""
         predictor.use_mirroring = not fast
         predictor.progress, predictor.cancel_event = progress, cancel_event
-        box = find_body_box(array_zyx, spacing_zyx) if crop_body else None
         try:
-            label, body_fraction = self._predict(predictor, array_zyx, spacing_zyx, box, progress)
+            yield
         except torch.OutOfMemoryError:
             _release_memory(self.device)
             raise OutOfMemory(f"out of memory on {self.device} while segmenting; try --fast, "
                               "or --device cpu") from None
         finally:
             predictor.progress = predictor.cancel_event = None
-        self.backend_choice = start_pending_conversion(self.backend_choice,
-                                                       version.path if version.version > 0 else None)
-        return label, body_fraction
 
     # ------------------------------------------------------------ two stages, for batch prefetch
     def prepare(self, image: sitk.Image, model: str | ModelVersion | None = None,
@@ -196,17 +204,9 @@ class Segmenter:
         """Stage 2 of `segment`: the network and resampling on a case `prepare` made."""
         started = time.perf_counter()
         predictor = self._predictor_for(prepared.version, progress)
-        predictor.use_mirroring = not fast
-        predictor.progress, predictor.cancel_event = progress, cancel_event
-        try:
+        with self._running(predictor, fast, progress, cancel_event):
             label, body_fraction = self._predict(predictor, None, (), prepared.box, progress,
                                                  preprocessed=prepared.preprocessed)
-        except torch.OutOfMemoryError:
-            _release_memory(self.device)
-            raise OutOfMemory(f"out of memory on {self.device} while segmenting; try --fast, "
-                              "or --device cpu") from None
-        finally:
-            predictor.progress = predictor.cancel_event = None
         output = sitk.GetImageFromArray(label)
         output.CopyInformation(prepared.image)
         return SegmentationResult(output, self._loaded.ref, str(self.device),
