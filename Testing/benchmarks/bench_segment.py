@@ -8,10 +8,13 @@ fresh process (peak RSS of that process), in one sitting so the ratios are compa
     ours+crop  Segmenter with the body crop (target: >= 1.5x faster than stock)
     ours+crop/BACKEND  the same with a CPU inference backend (--backends openvino,...; the model is
                converted into the store's cache before timing, the conversion is reported apart)
-Each variant runs --repeat times (fresh processes); the median time is reported.
+Each variant runs --repeat times (fresh processes, round robin: repeat r of every variant runs
+before repeat r+1 of any, so a drifting load touches every variant alike); the median is reported.
+--ct picks another CT (the head CT, say); --variants drops some of the built-in ones.
 
     python Testing/benchmarks/bench_segment.py [--models tiny,default] [--modes fast,accurate]
         [--backends openvino,onnxruntime,openvino-bf16,torch-bf16] [--repeat 3]
+        [--ct PATH] [--variants stock,ours,ours+crop]
 """
 
 from __future__ import annotations
@@ -85,9 +88,9 @@ def convert_for(store_root: Path, name: str, backend: str) -> float:
     return time.perf_counter() - started
 
 
-def run_child(variant: str, folder: Path, fast: bool, out: Path, device: str) -> dict:
+def run_child(variant: str, folder: Path, fast: bool, out: Path, device: str, ct: Path) -> dict:
     env = dict(os.environ, nnUNet_def_n_proc=str(os.cpu_count() or 2), nnUNet_n_proc_DA="0")
-    completed = subprocess.run([sys.executable, "-c", CHILD, variant, str(folder), str(CT),
+    completed = subprocess.run([sys.executable, "-c", CHILD, variant, str(folder), str(ct),
                                 "1" if fast else "0", str(out), device], capture_output=True, text=True,
                                env=env)
     if completed.returncode != 0:
@@ -103,9 +106,12 @@ def main() -> int:
     parser.add_argument("--backends", default="", help="CPU backends to add as ours+crop/BACKEND")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant (median reported)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--ct", type=Path, default=CT, help="the CT to segment (default: the neck CT)")
+    parser.add_argument("--variants", default="stock,ours,ours+crop",
+                        help="built-in variants to run (stock is always run: it is the reference)")
     args = parser.parse_args()
-    if not CT.exists():
-        print(f"skipped: {CT} not found (shared data absent)")
+    if not args.ct.exists():
+        print(f"skipped: {args.ct} not found (shared data absent)")
         return 0
     import numpy as np
 
@@ -116,17 +122,28 @@ def main() -> int:
         work = Path(scratch)
         models = prepare_models(work, args.models.split(","))
         backends = [b for b in args.backends.split(",") if b]
-        variants = ["stock", "ours", "ours+crop"] + [f"ours+crop/{b}" for b in backends]
-        print(f"load average: {os.getloadavg()}", flush=True)
+        built_in = [v for v in ("stock", "ours", "ours+crop") if v == "stock" or v in args.variants.split(",")]
+        if backends and "ours+crop" not in built_in:
+            built_in.append("ours+crop")  # the backends' Dice reference
+        variants = built_in + [f"ours+crop/{b}" for b in backends]
+        print(f"CT: {args.ct}; load average: {os.getloadavg()}", flush=True)
         for name, (folder, store_root) in models.items():
             conversion = {b: round(convert_for(store_root, name, b), 1) for b in backends}
             for mode in args.modes.split(","):
                 fast = mode == "fast"
+                runs_of: dict[str, list[dict]] = {variant: [] for variant in variants}
+                for repeat in range(args.repeat):
+                    for variant in variants:
+                        target = folder if variant == "stock" else store_root
+                        out = work / f"{variant.replace('/', '-')}.npy"
+                        run = run_child(variant, target, fast, out, args.device, args.ct)
+                        runs_of[variant].append(run)
+                        print(f"  {name} {mode} {variant} run {repeat + 1}: {run['seconds']:.1f} s, "
+                              f"load average {os.getloadavg()[0]:.2f}", flush=True)
                 results = {}
                 for variant in variants:
-                    target = folder if variant == "stock" else store_root
+                    runs = runs_of[variant]
                     out = work / f"{variant.replace('/', '-')}.npy"
-                    runs = [run_child(variant, target, fast, out, args.device) for _ in range(args.repeat)]
                     results[variant] = {"seconds": float(np.median([r["seconds"] for r in runs])),
                                         "all_seconds": [round(r["seconds"], 1) for r in runs],
                                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),

@@ -78,6 +78,18 @@ def choose(strategy: str, k: int, order: list[str], scores: dict[str, float], dr
     return random.Random(1000 * k + draw).sample(sorted(pool), k)
 
 
+# Settings that only add or drop runs (each run's id names its shots and draw) or schedule them:
+# a resumed benchmark may change these and keeps every run it already has.
+EXTENSIBLE_SETTINGS = ("shots", "draws", "workers", "run_timeout_s")
+
+
+def same_measurement(stored: dict, wanted: dict) -> bool:
+    """True when two config documents measure each run the same way (EXTENSIBLE_SETTINGS aside)."""
+    def measured(document: dict) -> dict:
+        return {key: value for key, value in document.get("config", {}).items() if key not in EXTENSIBLE_SETTINGS}
+    return measured(stored) == measured(wanted)
+
+
 def run_benchmark(config: SelectConfig, output: Path, resume: bool = False, say: Say = _say) -> dict:
     from LymphNodeDGSTLib.adaptation.ranking import rank_folder
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
@@ -93,7 +105,7 @@ def run_benchmark(config: SelectConfig, output: Path, resume: bool = False, say:
     runs_path = output / RUNS_FILE
     document = json.loads(json.dumps({"config": asdict(config)}))
     if resume and (output / CONFIG_FILE).is_file():
-        if json.loads((output / CONFIG_FILE).read_text()) != document:
+        if not same_measurement(json.loads((output / CONFIG_FILE).read_text()), document):
             raise UserInputError(f"--resume: {output} holds a benchmark with other settings")
     elif runs_path.exists():
         runs_path.unlink()
