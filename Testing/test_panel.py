@@ -379,7 +379,9 @@ def test_adaptation_is_checked_pinned_and_never_activated_by_the_job(installed_h
     home = Home(installed_home)
     manager = JobManager(home.jobs)
     request = panel.adapt_request("tiny", iterations=3, device="cpu", iterations_per_epoch=1)
-    assert (request.method, request.gamma, request.activation) == ("dgst", 2, "never")
+    from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD
+
+    assert (request.method, request.gamma, request.activation) == (DEFAULT_METHOD, 2, "never")
     with pytest.raises(ValueError):
         panel.adapt_request("tiny", activation="auto")
     with pytest.raises(UserInputError, match="case library is empty"):
