@@ -42,9 +42,11 @@ LONG_TESTS = (
     "test_resenc.py::test_resenc_two_fold_model_install_segment_adapt_export_adapter_and_hot_swap",
     "test_model_store.py::test_cli_install_list_activate_rollback",
 )
-# Modules whose module-scoped fixture is expensive (a CLI benchmark run, a two-rank DDP run):
-# their tests stay on one xdist worker (--dist loadgroup) so the fixture runs once, not twice.
-GROUPED_MODULES = ("test_bench_adapt.py", "test_ddp_adapt.py")
+# Modules whose module-scoped fixture is expensive (a CLI benchmark run, a two-rank DDP run,
+# nine phantoms, a CMake configure, an adapted model and its adapter): their tests stay on one
+# xdist worker (--dist loadgroup) so the fixture runs once, not once per worker.
+GROUPED_MODULES = ("test_bench_adapt.py", "test_ddp_adapt.py", "test_phantom.py", "test_packaging.py",
+                   "test_site_adapters.py")
 
 
 def pytest_collection_modifyitems(config, items):
