@@ -7,6 +7,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Fit nnU-Net's worker processes to small machines (overridable from the environment).
 export nnUNet_n_proc_DA ?= 0
 export nnUNet_def_n_proc ?= 2
+# pytest-xdist workers for `make test` (each gets cores/workers torch threads, see Testing/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
 
@@ -24,7 +26,7 @@ demo: setup
 	$(VENV)/bin/lndgst demo
 
 test: setup
-	$(PY) -m pytest Testing -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest Testing -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(PY) Testing/benchmarks/bench_segment.py

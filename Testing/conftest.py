@@ -18,6 +18,58 @@ SHARED_DATA = Path(os.environ.get("LNDGST_SHARED_DATA", REPO.parent / "shared" /
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
 os.environ.setdefault("nnUNet_def_n_proc", "2")
 
+# `make test` runs the suite on pytest-xdist workers (`-n 2`). Each worker, and every process it
+# starts (CLI runs, job workers), gets its share of the cores: two workers with two threads each
+# on a 2-core machine would only fight over them (OpenMP barriers stall when cores are busy).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // XDIST_WORKERS)))
+
+# Tests that each take a minute or more: started first, so that under xdist the other worker
+# runs the many short tests meanwhile instead of waiting for one long test at the end. Only the
+# order changes (longest first); every test still runs.
+LONG_TESTS = (
+    "test_demo.py::test_shortened_demo_runs_the_whole_loop",
+    "test_adapt.py::test_adapt_wait_publishes_a_better_version_with_report_and_figure",
+    "test_segment.py::test_body_crop_matches_uncropped_run_inside_the_body",
+    "test_demo.py::test_demo_model_segments_an_unseen_site_a_phantom",
+    "test_bench_adapt.py::",
+    "test_segment.py::test_matches_stock_nnunet_predictor",
+    "test_job_tree.py::test_cancelled_adaptation_under_a_launcher_leaves_no_process",
+    "test_ddp_adapt.py::",
+    "test_rank.py::test_failing_phantom_ranks_above_succeeding_one",
+    "test_adapt.py::test_killed_worker_leaves_store_unchanged_and_releases_lock",
+    "test_resenc.py::test_resenc_two_fold_model_install_segment_adapt_export_adapter_and_hot_swap",
+    "test_model_store.py::test_cli_install_list_activate_rollback",
+)
+# Modules whose module-scoped fixture is expensive (a CLI benchmark run, a two-rank DDP run,
+# nine phantoms, a CMake configure, an adapted model and its adapter): their tests stay on one
+# xdist worker (--dist loadgroup) so the fixture runs once, not once per worker.
+GROUPED_MODULES = ("test_bench_adapt.py", "test_ddp_adapt.py", "test_phantom.py", "test_packaging.py",
+                   "test_site_adapters.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.nodeid.split("/")[-1]
+        return next((i for i, prefix in enumerate(LONG_TESTS) if name.startswith(prefix)), len(LONG_TESTS))
+
+    for item in items:
+        module = item.nodeid.split("::")[0].split("/")[-1]
+        if module in GROUPED_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+    if XDIST_WORKERS > 1:
+        items.sort(key=rank)  # stable: the rest keep their order
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _worker_threads():
+    """Under xdist: torch in this worker uses its share of the cores (see OMP_NUM_THREADS above)."""
+    if XDIST_WORKERS > 1:
+        import torch
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    yield
+
 
 def shared_file(relative: str) -> Path:
     """A file of ../shared/data, or skip the test with the reason."""
