@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from LymphNodeDGSTLib.demo.bench_adapt import same_settings
 from LymphNodeDGSTLib.demo.bench_select import (
+    EXTENSIBLE_SETTINGS,
     PHANTOM_TARGET,
     SelectConfig,
     bootstrap_interval,
     choose,
-    same_measurement,
     summarise,
 )
 
@@ -36,9 +37,9 @@ def test_resume_may_add_shots_and_draws_but_not_change_a_run():
     # Catches: a resume that mixes runs fine-tuned with other settings into one table.
     stored = {"config": {"pool": 20, "shots": [1, 3], "draws": 3, "iterations": 20, "crop_zyx": [32, 87, 87]}}
     more = {"config": dict(stored["config"], shots=[1, 3, 5], draws=5)}
-    assert same_measurement(stored, more)
-    assert not same_measurement(stored, {"config": dict(stored["config"], iterations=40)})
-    assert not same_measurement(stored, {"config": dict(stored["config"], crop_zyx=None)})
+    assert same_settings(stored, more, EXTENSIBLE_SETTINGS)
+    assert not same_settings(stored, {"config": dict(stored["config"], iterations=40)}, EXTENSIBLE_SETTINGS)
+    assert not same_settings(stored, {"config": dict(stored["config"], crop_zyx=None)}, EXTENSIBLE_SETTINGS)
 
 
 def _row(strategy: str, k: int, draw: int, dice: list[float]) -> dict:

@@ -477,29 +477,50 @@ def run_in_child(spec: RunSpec, timeout_s: float) -> dict:
 # --------------------------------------------------------------------------------------------
 # The parent: the whole benchmark
 
-def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: Say = print) -> BenchOutputs:
-    """Run every planned run (skipping those already in runs.jsonl when resuming); write
-    results.md, results.json and the figure into `output`."""
+def benchmark_foundation() -> Path:
+    """The shipped demo model zip every benchmark adapts; a usage error when it is missing."""
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
-    from LymphNodeDGSTLib.engine.models import ModelStore
 
-    config.validate()
     archive = locate_demo_model()
     if archive is None:
         raise UserInputError("the demo model is missing (LymphNodeDGST/Resources/DemoModel/lymphnode-demo.zip)")
-    output = Path(output).resolve()
-    work = output / "work"
+    return archive
+
+
+def same_settings(stored: dict, wanted: dict, extensible: tuple[str, ...] = ()) -> bool:
+    """True when two config documents' "config" entries agree, keys in `extensible` aside (settings
+    that only add or drop runs, so a resumed benchmark may change them)."""
+    def measured(document: dict) -> dict:
+        return {key: value for key, value in (document.get("config") or {}).items() if key not in extensible}
+    return measured(stored) == measured(json.loads(json.dumps(wanted)))
+
+
+def open_output(output: Path, document: dict, resume: bool, extensible: tuple[str, ...] = ()) -> Path:
+    """Make `output` ready for a benchmark described by `document`: when resuming, refuse a folder
+    measured with other settings and keep its runs; else start runs.jsonl afresh. Writes
+    config.json; returns the path of runs.jsonl."""
     runs_path = output / RUNS_FILE
-    config_document = {"config": asdict(config), "foundation": str(archive)}
     if resume and (output / CONFIG_FILE).is_file():
-        previous = json.loads((output / CONFIG_FILE).read_text())
-        if previous.get("config") != json.loads(json.dumps(asdict(config))):
+        if not same_settings(json.loads((output / CONFIG_FILE).read_text()), document, extensible):
             raise UserInputError(f"--resume: {output} holds a benchmark with other settings; "
                                  "use another --output or drop --resume")
     elif runs_path.exists():
         runs_path.unlink()
     output.mkdir(parents=True, exist_ok=True)
-    (output / CONFIG_FILE).write_text(json.dumps(config_document, indent=1))
+    (output / CONFIG_FILE).write_text(json.dumps(document, indent=1))
+    return runs_path
+
+
+def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: Say = print) -> BenchOutputs:
+    """Run every planned run (skipping those already in runs.jsonl when resuming); write
+    results.md, results.json and the figure into `output`."""
+    from LymphNodeDGSTLib.engine.models import ModelStore
+
+    config.validate()
+    archive = benchmark_foundation()
+    output = Path(output).resolve()
+    work = output / "work"
+    runs_path = open_output(output, {"config": asdict(config), "foundation": str(archive)}, resume)
 
     started = time.perf_counter()
     store_root = work / "store"

@@ -32,11 +32,11 @@ from typing import Callable
 import numpy as np
 
 from LymphNodeDGSTLib.demo.bench_adapt import (PHANTOM_TARGET, SITE_B_POOL_SEED, SITE_B_TEST_SEED,
-                                               CaseFile, RunSpec, read_rows, run_in_child,
-                                               write_phantom_case)
+                                               CaseFile, RunSpec, benchmark_foundation, open_output,
+                                               read_rows, run_in_child, write_phantom_case)
 from LymphNodeDGSTLib.errors import UserInputError
 
-RUNS_FILE, TABLE_FILE, RESULTS_FILE, CONFIG_FILE = "runs.jsonl", "results.md", "results.json", "config.json"
+TABLE_FILE, RESULTS_FILE = "results.md", "results.json"   # runs.jsonl and config.json: bench_adapt.open_output
 Say = Callable[[str], None]
 
 
@@ -83,34 +83,16 @@ def choose(strategy: str, k: int, order: list[str], scores: dict[str, float], dr
 EXTENSIBLE_SETTINGS = ("shots", "draws", "workers", "run_timeout_s")
 
 
-def same_measurement(stored: dict, wanted: dict) -> bool:
-    """True when two config documents measure each run the same way (EXTENSIBLE_SETTINGS aside)."""
-    def measured(document: dict) -> dict:
-        return {key: value for key, value in document.get("config", {}).items() if key not in EXTENSIBLE_SETTINGS}
-    return measured(stored) == measured(wanted)
-
-
 def run_benchmark(config: SelectConfig, output: Path, resume: bool = False, say: Say = _say) -> dict:
     from LymphNodeDGSTLib.adaptation.ranking import rank_folder
-    from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
     from LymphNodeDGSTLib.engine.inference import Segmenter
     from LymphNodeDGSTLib.engine.models import ModelStore
 
     config.validate()
-    archive = locate_demo_model()
-    if archive is None:
-        raise UserInputError("the demo model is missing (LymphNodeDGST/Resources/DemoModel/lymphnode-demo.zip)")
+    archive = benchmark_foundation()
     output = Path(output).resolve()
     work = output / "work"
-    runs_path = output / RUNS_FILE
-    document = json.loads(json.dumps({"config": asdict(config)}))
-    if resume and (output / CONFIG_FILE).is_file():
-        if not same_measurement(json.loads((output / CONFIG_FILE).read_text()), document):
-            raise UserInputError(f"--resume: {output} holds a benchmark with other settings")
-    elif runs_path.exists():
-        runs_path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
-    (output / CONFIG_FILE).write_text(json.dumps(document, indent=1))
+    runs_path = open_output(output, {"config": asdict(config)}, resume, EXTENSIBLE_SETTINGS)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.perf_counter()
 
