@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,17 @@ def _worker_threads():
         import torch
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
+
+
+def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
+    """Poll `condition` until it returns something true (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def shared_file(relative: str) -> Path:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from conftest import wait_for
 from LymphNodeDGSTLib.jobs import manager as jobs
 from LymphNodeDGSTLib.jobs.manager import JobManager
 
@@ -33,16 +33,6 @@ def launcher(tmp_path) -> str:
                     f"sys.exit(subprocess.call([{sys.executable!r}, *sys.argv[1:]]))\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gone(process: psutil.Process) -> bool:

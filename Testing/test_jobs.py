@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_ct, run_cli
+from conftest import make_ct, run_cli, wait_for
 from LymphNodeDGSTLib.jobs import manager as jobs, segment_job
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.jobs.manager import (DeviceBusy, JobManager, Reporter, acquire_device_lock,
@@ -37,16 +37,6 @@ def manager(tmp_path) -> JobManager:
 
 def submit(manager: JobManager, name: str, params: dict | None = None, **options) -> jobs.JobInfo:
     return manager.submit(f"jobkinds_for_tests:{name}", params or {}, env=TEST_ENV, **options)
-
-
-def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_for_progress(manager: JobManager, job_id: str, done: int = 2) -> None:
