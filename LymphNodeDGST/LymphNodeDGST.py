@@ -621,7 +621,7 @@ class LymphNodeDGSTTest(ScriptedLoadableModuleTest):
         self.test_segment_save_case_and_adapt()
 
     def test_scene_and_case_library_without_torch(self):
-        from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+        from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
         from LymphNodeDGSTLib.slicer_bridge.selftest import scene_and_case_library
 
         self.delayDisplay(_("Checking the scene side and the case library (no torch needed)"))

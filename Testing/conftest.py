@@ -94,7 +94,7 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory) -> Path:
     """A seeded random-weight tiny nnU-Net results folder (about 280 k parameters)."""
-    from LymphNodeDGSTLib.engine.architectures import create_random_model
+    from LymphNodeDGSTLib.engine.store.architectures import create_random_model
 
     return create_random_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -108,7 +108,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def installed_home(home, tiny_model_folder) -> Path:
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     ModelStore(home / "models").install(tiny_model_folder, name="tiny", show_progress=False)
     return home

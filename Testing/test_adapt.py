@@ -14,12 +14,12 @@ import torch
 
 from conftest import run_cli, tree_snapshot
 from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, check_request, split_cases
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.engine.inference import Segmenter
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 from LymphNodeDGSTLib.jobs.manager import JobManager
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 
 
 def blob_case(seed: int, shape=(32, 64, 64)) -> tuple[sitk.Image, sitk.Image]:
@@ -80,7 +80,7 @@ def test_bad_requests_fail_before_any_training(installed_home, tiny_model_folder
     dataset = json.loads((three_labels / "dataset.json").read_text())
     dataset["labels"] = {"background": 0, "node": 1, "vessel": 2}
     (three_labels / "dataset.json").write_text(json.dumps(dataset))
-    from LymphNodeDGSTLib.engine.architectures import build_network, checkpoint_dict, read_json
+    from LymphNodeDGSTLib.engine.store.architectures import build_network, checkpoint_dict, read_json
     plans = read_json(three_labels / "plans.json")
     torch.save(checkpoint_dict(build_network(plans, dataset).state_dict(), plans, dataset),
                three_labels / "fold_0" / "checkpoint_final.pth")

@@ -12,11 +12,11 @@ from test_adapt import blob_case
 
 from LymphNodeDGSTLib.adaptation import dgst
 from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, run_adaptation
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.adaptation.trainer import TrainingDiverged, check_finite_weights
 from LymphNodeDGSTLib.cli import main as cli
-from LymphNodeDGSTLib.engine import architectures
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.store import architectures
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.jobs.manager import Reporter

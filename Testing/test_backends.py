@@ -1,4 +1,4 @@
-"""CPU inference backends (engine/backends.py, backend_choice.py, backend_cache.py): equivalence
+"""CPU inference backends (engine/segmentation/backends/networks.py, choice.py, cache.py): equivalence
 with torch on the tiny model, the per-version conversion cache, and the fallback to torch."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 
 from conftest import make_ct, run_cli
 
-from LymphNodeDGSTLib.engine.architectures import build_network, read_json, tiny_spec, write_results_folder
-from LymphNodeDGSTLib.engine.backend_cache import CACHE_DIR
-from LymphNodeDGSTLib.engine.inference import Segmenter
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.store.architectures import build_network, read_json, tiny_spec, write_results_folder
+from LymphNodeDGSTLib.engine.segmentation.backends.cache import CACHE_DIR
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 
 CONVERTED = [b for b, package in (("openvino", "openvino"), ("onnxruntime", "onnxruntime"))
              if __import__("importlib").util.find_spec(package) is not None]
@@ -40,7 +40,7 @@ def labels(segmenter: Segmenter, image, progress=None):
 
 def two_fold_model(folder: Path) -> Path:
     """The tiny architecture with two folds of different random weights."""
-    from LymphNodeDGSTLib.engine.architectures import make_dataset_json, make_plans
+    from LymphNodeDGSTLib.engine.store.architectures import make_dataset_json, make_plans
     spec = tiny_spec()
     plans, dataset_json = make_plans(spec), make_dataset_json(spec.labels)
     for fold, seed in ((0, 1), (1, 2)):
@@ -57,9 +57,9 @@ def test_backend_matches_torch_per_fold(tmp_path, backend):
     Mutation caught (checked by hand, onnxruntime): BackendNetwork.load_state_dict not switching
     `active` (fold 1 runs fold 0's conversion: max logit difference 6.8). Measured OpenVINO f32
     difference on this model: 7e-5."""
-    from LymphNodeDGSTLib.engine.backends import build_backend_network
-    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-    from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
+    from LymphNodeDGSTLib.engine.segmentation.backends.networks import build_backend_network
+    from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
 
     folder = two_fold_model(tmp_path / "model")
     plans, dataset_json = read_json(folder / "plans.json"), read_json(folder / "dataset.json")
@@ -112,7 +112,7 @@ def test_removed_version_drops_its_conversion(home, tmp_path):
     old conversion must not be used. Guards against (not mutation-checked by hand): a cache kept
     outside the version folder and keyed by NAME@N only (the new version would run the old
     network: labels differ)."""
-    from LymphNodeDGSTLib.engine.architectures import create_random_model
+    from LymphNodeDGSTLib.engine.store.architectures import create_random_model
 
     store = ModelStore(home / "models")
     store.install(create_random_model(tmp_path / "a", seed=0), name="tiny", show_progress=False)
@@ -153,7 +153,7 @@ def test_failing_conversion_falls_back_and_leaves_no_partial_cache(installed_hom
     """A converter that dies half-way: torch runs, the reason is given, and the cache holds no
     half-written entry. Mutation caught (checked by hand): store_conversion without its cleanup
     (a '.openvino-...tmp-' folder stays behind)."""
-    from LymphNodeDGSTLib.engine import backends
+    from LymphNodeDGSTLib.engine.segmentation.backends import networks as backends
 
     def broken(fmt, network, example, folder):
         (folder / "model.xml").write_text("<half")
@@ -175,7 +175,7 @@ def test_auto_converts_in_the_background_then_uses_it(installed_home):
     hand): auto treated like an explicit backend (the first run reports 'openvino')."""
     import time
 
-    from LymphNodeDGSTLib.engine.backend_prepare import conversion_running
+    from LymphNodeDGSTLib.engine.segmentation.backends.prepare import conversion_running
 
     store = ModelStore(installed_home / "models")
     image = make_ct()

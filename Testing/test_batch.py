@@ -11,13 +11,13 @@ import SimpleITK as sitk
 
 from conftest import make_ct, tree_snapshot
 from LymphNodeDGSTLib.cli.main import main
-from LymphNodeDGSTLib.engine.batch import BatchSettings, segment_cases
-from LymphNodeDGSTLib.engine.cohort import plan_cohort
-from LymphNodeDGSTLib.engine.cohort_csv import merge_cohort_csvs, read_cohort_csv, write_cohort_csv
-from LymphNodeDGSTLib.engine.cohort_inputs import discover_cases
-from LymphNodeDGSTLib.engine.inference import Segmenter
-from LymphNodeDGSTLib.engine.models import ModelStore
-from LymphNodeDGSTLib.engine.parts import Part, parse_part
+from LymphNodeDGSTLib.engine.cohort.batch import BatchSettings, segment_cases
+from LymphNodeDGSTLib.engine.cohort.run import plan_cohort
+from LymphNodeDGSTLib.engine.cohort.table import merge_cohort_csvs, read_cohort_csv, write_cohort_csv
+from LymphNodeDGSTLib.engine.cohort.inputs import discover_cases
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+from LymphNodeDGSTLib.engine.store.models import ModelStore
+from LymphNodeDGSTLib.engine.cohort.parts import Part, parse_part
 from LymphNodeDGSTLib.errors import UserInputError
 
 SMALL = (12, 48, 48)  # one sliding-window tile of the tiny model
@@ -145,7 +145,7 @@ def test_parts_cover_the_folder_exactly_once_and_merge(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    from LymphNodeDGSTLib.engine.cohort_csv import CohortRow
+    from LymphNodeDGSTLib.engine.cohort.table import CohortRow
     for k, share in enumerate(shares, 1):
         write_cohort_csv([CohortRow(name, "segmented", 1, 10.0, 5.0, "tiny@1", 1.0) for name in share],
                          out / f"cohort.part-{k}-of-3.csv")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeDGSTLib.engine.bodycrop import BodyBox, find_body_box
+from LymphNodeDGSTLib.engine.segmentation.body_crop import BodyBox, find_body_box
 
 SPACING_ZYX = (2.5, 1.0, 1.0)
 SHAPE_ZYX = (30, 160, 160)

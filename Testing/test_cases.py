@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from conftest import make_ct, run_cli, shared_file, tree_snapshot
 
 from LymphNodeDGSTLib.cli import main as cli
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary, image_sha256
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary, image_sha256
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 SHAPE = (10, 40, 40)
@@ -225,7 +225,7 @@ def test_leftover_staging_trash_and_incomplete_folders_are_never_listed(tmp_path
 
 
 def test_a_failure_while_writing_leaves_no_half_case(tmp_path, monkeypatch):
-    import LymphNodeDGSTLib.adaptation.cases as cases_module
+    import LymphNodeDGSTLib.adaptation.cases.library as cases_module
 
     library = CaseLibrary(tmp_path / "cases")
     ct = small_ct()

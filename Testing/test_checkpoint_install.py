@@ -12,10 +12,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_ct, run_cli, tree_snapshot
-from LymphNodeDGSTLib.engine.architectures import (build_network, checkpoint_dict, make_dataset_json,
+from LymphNodeDGSTLib.engine.store.architectures import (build_network, checkpoint_dict, make_dataset_json,
                                                     make_plans, tiny_spec)
-from LymphNodeDGSTLib.engine.inference import Segmenter
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 
 HEAD_BIAS = "decoder.seg_layers.2.bias"   # the full-resolution head of tiny_spec()
 

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from conftest import make_ct
 
 import LymphNodeDGSTLib
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.engine.processes import process_start_time
 from LymphNodeDGSTLib.jobs import manager as jobs
 from LymphNodeDGSTLib.jobs.manager import (JobManager, acquire_device_lock, device_lock_path,
@@ -71,7 +71,7 @@ def test_simultaneous_adds_of_one_image_store_it_once(tmp_path):
     sitk.WriteImage(ct, str(tmp_path / "ct.nrrd"))
     sitk.WriteImage(label, str(tmp_path / "label.nrrd"))
     script = f"""
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.errors import UserInputError
 import SimpleITK as sitk
 image, label = sitk.ReadImage({str(tmp_path / "ct.nrrd")!r}), sitk.ReadImage({str(tmp_path / "label.nrrd")!r})

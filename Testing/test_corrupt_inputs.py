@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_ct, tree_snapshot
 
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.cli import main as cli
 from LymphNodeDGSTLib.errors import UserInputError
 
@@ -92,7 +92,7 @@ def test_cases_add_refuses_a_corrupt_ct(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("case", ["truncated .nii.gz", "DICOM series missing a slice", "NaN voxels"])
 def test_segment_refuses_a_corrupt_ct_before_any_work(installed_home, tmp_path, monkeypatch, capsys, case):
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 
     def never(*args, **kwargs):
         raise AssertionError("segmented a corrupt CT")

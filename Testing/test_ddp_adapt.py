@@ -13,9 +13,9 @@ from LymphNodeDGSTLib.adaptation.ddp_trainer import weights_sha256
 from LymphNodeDGSTLib.adaptation.distributed import check_nproc, launch_fine_tune
 from LymphNodeDGSTLib.adaptation.nnunet_dataset import TrainingCase, prepare_dataset
 from LymphNodeDGSTLib.adaptation.trainer import FineTuneSettings
-from LymphNodeDGSTLib.engine.architectures import read_json
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
+from LymphNodeDGSTLib.engine.store.architectures import read_json
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
 from LymphNodeDGSTLib.errors import UserInputError
 
 GAMMA, ITERATIONS = 2, 3

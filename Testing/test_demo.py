@@ -8,9 +8,9 @@ import pytest
 
 from LymphNodeDGSTLib.demo.demo_model import DEMO_MODEL_NAME, ensure_default_model, locate_demo_model
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.engine.inference import Segmenter
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 from LymphNodeDGSTLib.adaptation.metrics import image_dice
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from LymphNodeDGSTLib.adaptation import dgst
-from LymphNodeDGSTLib.engine import architectures
+from LymphNodeDGSTLib.engine.store import architectures
 from LymphNodeDGSTLib.adaptation.weight_stats import count_changed, weight_change_summary
-from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
+from LymphNodeDGSTLib.engine.store.state_dicts import snapshot_state
 
 GAMMA = 2
 INPUT_SHAPE = (2, 1, 4, 16, 16)  # batch, channel, z, y, x: divisible by the tiny net's strides

@@ -25,8 +25,8 @@ import torch
 
 from conftest import REPO, make_ct, run_cli, tree_snapshot
 from LymphNodeDGSTLib.cli.main import main
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 
 CHECKPOINT = Path("fold_0/checkpoint_final.pth")
 

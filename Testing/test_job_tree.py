@@ -79,7 +79,7 @@ def test_cancelled_adaptation_under_a_launcher_leaves_no_process(installed_home,
     Catches: a cancel that returns while nnU-Net's processes or the launcher live on, and a
     launcher left defunct because only python-real's pid was waited for."""
     from test_adapt import blob_case
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
     from LymphNodeDGSTLib.home import Home
     from LymphNodeDGSTLib.slicer_bridge.panel import adapt_request, submit_adaptation
 

@@ -204,7 +204,7 @@ def test_exclusive_jobs_one_per_device(manager, tmp_path):
     holder = read_device_lock(manager.root, "cpu")
     assert "an adaptation is already running on cpu" in jobs.busy_message(
         jobs.DeviceLock(holder.path, "cpu", holder.pid, holder.job, "adapt"))
-    from LymphNodeDGSTLib.engine.devices import choose_device
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
     if choose_device("auto").type == "cpu":  # then "auto" shares the cpu's lock
         with pytest.raises(DeviceBusy):
             submit(manager, "count", LONG, device="auto", exclusive_device=True)

@@ -17,7 +17,7 @@ import torch
 
 from conftest import copy_model, run_cli, tree_snapshot
 from LymphNodeDGSTLib.errors import UnsafeCheckpointError, UserInputError
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 
 CHECKPOINT = Path("fold_0/checkpoint_final.pth")
 

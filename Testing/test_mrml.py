@@ -21,7 +21,7 @@ vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
 from LymphNodeDGSTLib.slicer_bridge import mrml  # noqa: E402  (needs slicer)
-from LymphNodeDGSTLib.engine.geometry import ImageGeometry  # noqa: E402
+from LymphNodeDGSTLib.engine.images.geometry import ImageGeometry  # noqa: E402
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 SPACING = (0.7, 0.9, 3.0)

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.engine.nodes import (
+from LymphNodeDGSTLib.engine.segmentation.nodes import (
     COLUMNS,
     NodeRow,
     image_from_array,

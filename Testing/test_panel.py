@@ -235,7 +235,7 @@ def test_live_curve_png_has_the_asked_size(tmp_path):
 
 # --------------------------------------------------------------------------- tables
 def test_model_rows_mark_the_active_version_and_show_adapted_ones(installed_home, tiny_model_folder):
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     store = ModelStore(installed_home / "models")
     store.add_version("tiny", tiny_model_folder, {
@@ -265,7 +265,7 @@ def test_model_rows_mark_the_active_version_and_show_adapted_ones(installed_home
 
 
 def test_training_case_from_a_mask_and_its_row(tmp_path):
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 
     library = CaseLibrary(tmp_path / "cases")
     ct = make_ct(origin=(10.0, -20.0, 5.0))
@@ -300,7 +300,7 @@ def test_training_segment_choice():
 
 
 def test_node_report_csv_round_trip_ras_centroid_and_cells(tmp_path):
-    from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
+    from LymphNodeDGSTLib.engine.segmentation.nodes import node_report, write_node_csv
 
     ct = make_ct(origin=(30.0, -40.0, 12.0))
     label = sitk.Cast(sitk.BinaryThreshold(ct, 60, 200), sitk.sitkUInt8)
@@ -346,7 +346,7 @@ def test_background_segmentation_with_the_tiny_model(installed_home):
 
 def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folder, tmp_path):
     from LymphNodeDGSTLib.jobs.manager import Reporter, read_events
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     home = Home(home)
     manager = JobManager(home.jobs)
@@ -373,8 +373,8 @@ def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folde
 
 
 def test_adaptation_is_checked_pinned_and_never_activated_by_the_job(installed_home):
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     home = Home(installed_home)
     manager = JobManager(home.jobs)
@@ -430,7 +430,7 @@ def test_worker_python_prefers_slicers_own_and_home_setting(tmp_path, monkeypatc
 
 
 def test_constants_match_the_core():
-    from LymphNodeDGSTLib.engine.devices import DEVICE_CHOICES
+    from LymphNodeDGSTLib.engine.segmentation.devices import DEVICE_CHOICES
     from LymphNodeDGSTLib.adaptation.dgst import POLICY_NAMES
 
     assert panel.DEVICE_CHOICES == DEVICE_CHOICES
@@ -448,10 +448,10 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML library) is not installed")
     import vtk
     from LymphNodeDGSTLib.slicer_bridge import mrml
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
-    from LymphNodeDGSTLib.engine.models import ModelStore
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.nodes import node_report
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.nodes import node_report
 
     scene = slicer.vtkMRMLScene()
     ct = make_ct(origin=(30.0, -40.0, 12.0))
@@ -468,7 +468,7 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     label = sitk.GetImageFromArray(mask.astype(np.uint8))
     label.CopyInformation(ct)
     sitk.WriteImage(label, str(files.output))
-    from LymphNodeDGSTLib.engine.nodes import write_node_csv
+    from LymphNodeDGSTLib.engine.segmentation.nodes import write_node_csv
     write_node_csv(node_report(label, ct), files.nodes_csv)
     segmentation, table, rows = panel.import_segmentation_result(files, volume, scene)
     segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(panel.LYMPH_NODE_SEGMENT)
@@ -629,7 +629,7 @@ def test_node_centroids_land_on_the_node_in_world_ras_and_the_editor_node_is_a_s
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML library) is not installed")
     import vtk
     from LymphNodeDGSTLib.slicer_bridge import mrml
-    from LymphNodeDGSTLib.engine.nodes import node_report
+    from LymphNodeDGSTLib.engine.segmentation.nodes import node_report
 
     scene = slicer.vtkMRMLScene()
     ct = make_ct(direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1), origin=(80.0, 60.0, -30.0))
@@ -665,9 +665,9 @@ def test_model_section_exports_and_installs_site_adapters_and_fold_checkpoints(i
     model), several ';'-separated fold checkpoints taken as one path."""
     import json
 
-    from LymphNodeDGSTLib.engine.architectures import write_results_folder
-    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.architectures import write_results_folder
+    from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
     from LymphNodeDGSTLib.jobs.manager import Reporter
     from test_checkpoint_install import nnunet_checkpoint
 

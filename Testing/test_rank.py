@@ -13,12 +13,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_ct, run_cli
-from LymphNodeDGSTLib.adaptation import ranking
-from LymphNodeDGSTLib.adaptation.diversity import diverse_order
-from LymphNodeDGSTLib.adaptation.ranking import csv_text, rank_folder
-from LymphNodeDGSTLib.engine.inference import Segmenter
-from LymphNodeDGSTLib.engine.models import ModelStore
-from LymphNodeDGSTLib.engine.uncertainty import segment_with_uncertainty
+from LymphNodeDGSTLib.adaptation.cases import ranking
+from LymphNodeDGSTLib.adaptation.cases.diversity import diverse_order
+from LymphNodeDGSTLib.adaptation.cases.ranking import csv_text, rank_folder
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+from LymphNodeDGSTLib.engine.store.models import ModelStore
+from LymphNodeDGSTLib.engine.segmentation.uncertainty import segment_with_uncertainty
 from LymphNodeDGSTLib.errors import Cancelled
 
 
@@ -87,7 +87,7 @@ def test_cache_is_reused_and_only_new_images_are_scored(tiny_segmenter, tmp_path
     assert [r.cached for r in first] == [False, False]
 
     calls = []
-    import LymphNodeDGSTLib.engine.uncertainty as uncertainty
+    import LymphNodeDGSTLib.engine.segmentation.uncertainty as uncertainty
     original = uncertainty.segment_with_uncertainty
 
     def counting(segmenter, image, *args, **kwargs):

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_ct
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary, image_sha256
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary, image_sha256
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.slicer_bridge.ranking_panel import (RANK_COLUMNS, doubtful_point_ras, library_hashes,

@@ -15,7 +15,7 @@ from test_adapt import blob_case
 from test_checkpoint_install import nnunet_checkpoint
 from test_dgst import GAMMA, changed_mask, output_filters, record_plans, train, union_of
 from LymphNodeDGSTLib.adaptation import dgst
-from LymphNodeDGSTLib.engine import architectures
+from LymphNodeDGSTLib.engine.store import architectures
 
 SKIP_PROJECTION = ".skip.1.conv.weight"  # BasicBlockD's 1x1x1 projection (after the avg-pool)
 
@@ -105,10 +105,10 @@ def test_resenc_two_fold_model_install_segment_adapt_export_adapter_and_hot_swap
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, run_adaptation
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
-    from LymphNodeDGSTLib.engine.adapter_store import export_adapter, install_adapter
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
+    from LymphNodeDGSTLib.engine.store.adapter_store import export_adapter, install_adapter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
     from LymphNodeDGSTLib.home import Home
 
     spec = resenc_tiny_spec(dataset_name="Dataset902_ResEnc")

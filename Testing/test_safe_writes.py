@@ -14,11 +14,11 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_ct
 
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.cli import main as cli
-from LymphNodeDGSTLib.engine import images
-from LymphNodeDGSTLib.engine.images import write_image_atomic
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.images import files as images
+from LymphNodeDGSTLib.engine.images.files import write_image_atomic
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.errors import WriteFailed
 
 FORMATS = (".nii.gz", ".mha", ".nrrd")
@@ -148,7 +148,7 @@ def test_output_that_is_the_input_is_refused_before_any_work(installed_home, tmp
                                                              capsys, how):
     """Catches a missing OUTPUT == INPUT check (found: the CT overwritten by its label, exit 0),
     and one that compares path strings instead of the files they name."""
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 
     monkeypatch.setattr(Segmenter, "segment", _never_segment)
     source = tmp_path / "ct.nii.gz"
@@ -171,7 +171,7 @@ def test_output_that_is_the_input_is_refused_before_any_work(installed_home, tmp
 def test_two_file_formats_are_refused_before_any_work(installed_home, tmp_path, monkeypatch, capsys, name):
     """Catches the extension check happening only at write time (found: .mhd refused after the
     whole segmentation had run)."""
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 
     monkeypatch.setattr(Segmenter, "segment", _never_segment)
     source = tmp_path / "ct.nii.gz"
@@ -183,7 +183,7 @@ def test_two_file_formats_are_refused_before_any_work(installed_home, tmp_path, 
 
 
 def test_node_report_may_not_overwrite_the_input(installed_home, tmp_path, monkeypatch, capsys):
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 
     monkeypatch.setattr(Segmenter, "segment", _never_segment)
     source = tmp_path / "ct.nii.gz"

@@ -11,8 +11,8 @@ import torch
 
 from conftest import make_ct, run_cli, tree_snapshot
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
-from LymphNodeDGSTLib.engine.inference import Segmenter
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -224,7 +224,7 @@ def test_no_model_installed_is_a_clear_error(home, tmp_path):
 def test_body_crop_matches_uncropped_run_inside_the_body(tmp_path):
     """Real head-and-neck CT, the trained demo model: cropping must not change the result."""
     from conftest import shared_file
-    from LymphNodeDGSTLib.engine.bodycrop import find_body_box
+    from LymphNodeDGSTLib.engine.segmentation.body_crop import find_body_box
     from LymphNodeDGSTLib.demo.demo_model import ensure_default_model, locate_demo_model
     from LymphNodeDGSTLib.adaptation.metrics import dice
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import run_cli, tree_snapshot
-from LymphNodeDGSTLib.engine.adapter_store import export_adapter
-from LymphNodeDGSTLib.engine.adapters import delta_tensors, read_adapter
-from LymphNodeDGSTLib.engine.architectures import create_random_model, write_results_folder
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.models import ModelStore
-from LymphNodeDGSTLib.engine.state_dicts import weights_sha256
+from LymphNodeDGSTLib.engine.store.adapter_store import export_adapter
+from LymphNodeDGSTLib.engine.store.adapters import delta_tensors, read_adapter
+from LymphNodeDGSTLib.engine.store.architectures import create_random_model, write_results_folder
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.models import ModelStore
+from LymphNodeDGSTLib.engine.store.state_dicts import weights_sha256
 
 CONV = "encoder.stages.1.0.convs.0.conv.weight"          # aliased as decoder.encoder.stages...
 HEAD = "decoder.seg_layers.2.weight"

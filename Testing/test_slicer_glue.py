@@ -186,7 +186,7 @@ def test_self_test_part_without_torch_passes_on_real_mrml_with_torch_absent(tmp_
     pytest.importorskip("slicer", reason="slicer-core is not installed")
     probe = ("import sys; sys.modules['torch'] = None; sys.modules['nnunetv2'] = None\n"
              "import slicer\n"
-             "from LymphNodeDGSTLib.adaptation.cases import CaseLibrary\n"
+             "from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary\n"
              "from LymphNodeDGSTLib.slicer_bridge.selftest import scene_and_case_library\n"
              f"print(scene_and_case_library(slicer.vtkMRMLScene(), CaseLibrary({str(tmp_path / 'cases')!r})))\n")
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -16,8 +16,9 @@ import pytest
 from conftest import run_cli, tree_snapshot
 
 from LymphNodeDGSTLib.cli import main as cli
-from LymphNodeDGSTLib.engine import fetch, models
-from LymphNodeDGSTLib.engine.models import ModelStore, format_version_line
+from LymphNodeDGSTLib.engine.store import fetch
+from LymphNodeDGSTLib.engine.store import models
+from LymphNodeDGSTLib.engine.store.models import ModelStore, format_version_line
 from LymphNodeDGSTLib.engine.processes import owner_tag
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
 

@@ -17,7 +17,7 @@ foundation weights (an adapter's size depends only on how many entries change, n
      `--other-iterations` (2) and `--static-iterations` (12) give their final size. `--budget-seconds`
      stops a run early on a loaded machine; every row records the iterations actually run.
   2. Writes the checkpoint nnU-Net would store (checkpoint_dict, torch.save) and the site adapter
-     (engine/adapters.write_adapter, which reads it back and checks the rebuild), and records both
+     (engine/store/adapters.write_adapter, which reads it back and checks the rebuild), and records both
      sizes and the share of weights that differ bitwise.
   3. For the dgst version: time of `install_adapter` into a store holding the base (reading,
      sha256 lookup, rebuild, checksum, writing and validating the new version), against
@@ -45,10 +45,10 @@ from LymphNodeDGSTLib.adaptation import dgst
 from LymphNodeDGSTLib.adaptation.trainer import DEFAULT_LEARNING_RATES
 from LymphNodeDGSTLib.adaptation.weight_stats import weight_change_summary
 from LymphNodeDGSTLib.demo.demo_model import demo_spec
-from LymphNodeDGSTLib.engine import architectures
-from LymphNodeDGSTLib.engine.adapters import apply_adapter, read_adapter, write_adapter
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
+from LymphNodeDGSTLib.engine.store import architectures
+from LymphNodeDGSTLib.engine.store.adapters import apply_adapter, read_adapter, write_adapter
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.state_dicts import snapshot_state
 
 METHODS = ("dgst", "random", "static", "norm", "bias", "full", "lora")
 SPECS = {"demo": demo_spec, "default": architectures.default_foundation_spec}
@@ -118,8 +118,8 @@ def median_seconds(action, repeats: int = 3) -> float:
 
 def timings(work: Path, plans: dict, dataset_json: dict, foundation: dict, adapted: dict,
             adapter: Path) -> dict:
-    from LymphNodeDGSTLib.engine.adapter_store import install_adapter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.adapter_store import install_adapter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     base_folder = architectures.write_results_folder(work / "base", plans, dataset_json, foundation)
     full_folder = architectures.write_results_folder(work / "full", plans, dataset_json, adapted)

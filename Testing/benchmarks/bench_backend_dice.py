@@ -36,8 +36,8 @@ def main() -> None:
     from LymphNodeDGSTLib.adaptation.metrics import dice
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     print(f"load average at start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,4 +1,4 @@
-"""One patch forward per CPU inference backend, side by side (engine/backends.py).
+"""One patch forward per CPU inference backend, side by side (engine/segmentation/backends/networks.py).
 
 Each (model, backend) runs in a fresh process: build the network (seeded random weights for the
 30.4 M default architecture, the bundled weights for the demo model), convert it (timed), one
@@ -31,7 +31,7 @@ def build(model: str, scratch: Path):
     """(network, input shape) for 'demo' (bundled weights) or 'default' (30.4 M, random)."""
     import torch
 
-    from LymphNodeDGSTLib.engine.architectures import (build_network, default_foundation_spec,
+    from LymphNodeDGSTLib.engine.store.architectures import (build_network, default_foundation_spec,
                                                        make_dataset_json, make_plans, read_json)
     if model == "default":
         spec = default_foundation_spec()
@@ -55,7 +55,7 @@ def child(model: str, backend: str, repeat: int, out: Path) -> None:
     import numpy as np
     import torch
 
-    from LymphNodeDGSTLib.engine.backends import (FORMAT_OF, TorchBf16Runner, convert, inference_threads,
+    from LymphNodeDGSTLib.engine.segmentation.backends.networks import (FORMAT_OF, TorchBf16Runner, convert, inference_threads,
                                                   load_runner)
     torch.set_num_threads(inference_threads())
     with tempfile.TemporaryDirectory() as scratch:

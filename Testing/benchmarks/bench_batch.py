@@ -41,7 +41,7 @@ def load() -> str:
 def throughput(work: Path, cases: int, rounds: int) -> dict:
     from LymphNodeDGSTLib.demo.demo_model import ensure_default_model
     from LymphNodeDGSTLib.demo.phantom import write_phantoms
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     home = work / "home"
     model = ensure_default_model(ModelStore(home / "models"))
@@ -80,8 +80,8 @@ def throughput(work: Path, cases: int, rounds: int) -> dict:
 
 
 def coverage(work: Path, files: int, parts: int) -> dict:
-    from LymphNodeDGSTLib.engine.architectures import create_random_model
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.architectures import create_random_model
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     home = work / "home-tiny"
     ModelStore(home / "models").install(create_random_model(work / "tiny"), name="tiny", show_progress=False)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from LymphNodeDGSTLib.adaptation import dgst
-from LymphNodeDGSTLib.engine import architectures
+from LymphNodeDGSTLib.engine.store import architectures
 
 CPU_DEFAULT_PATCH = (40, 96, 96)  # the foundation's (40, 192, 192) takes ~70 s a step on 2 cores
 

@@ -44,8 +44,8 @@ if variant == "stock":
     array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
     label = predictor.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
 else:
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
     backend = variant.split("/")[1] if "/" in variant else "torch"
     segmenter = Segmenter(ModelStore(folder), device=device, backend=backend)
     result = segmenter.segment(image, fast=fast, crop_body=variant.startswith("ours+crop"))
@@ -61,8 +61,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource
 
 def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
     """name -> (results folder for stock, store root for ours)."""
-    from LymphNodeDGSTLib.engine.architectures import create_random_model, default_foundation_spec, tiny_spec
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.architectures import create_random_model, default_foundation_spec, tiny_spec
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     specs = {"tiny": tiny_spec(), "default": default_foundation_spec()}
     prepared = {}
@@ -78,8 +78,8 @@ def convert_for(store_root: Path, name: str, backend: str) -> float:
     """Convert the installed model for `backend` into its version's cache; seconds taken."""
     import time
 
-    from LymphNodeDGSTLib.engine.backend_prepare import prepare
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.segmentation.backends.prepare import prepare
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     if backend.startswith("torch"):
         return 0.0

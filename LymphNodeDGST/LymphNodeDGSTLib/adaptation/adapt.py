@@ -25,14 +25,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD, SPARSE_METHODS
-from LymphNodeDGSTLib.adaptation.cases import CaseLibrary, CaseRecord
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.devices import choose_device
+from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary, CaseRecord
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.adaptation.metrics import case_metrics
-from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
-from LymphNodeDGSTLib.engine.models import ModelStore, ModelVersion
+from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
+from LymphNodeDGSTLib.engine.store.models import ModelStore, ModelVersion
 from LymphNodeDGSTLib.adaptation.trainer import STATS_FILE, FineTuneSettings
 
 REPORT_FILE = "adaptation_report.json"
@@ -138,7 +138,7 @@ def run_adaptation(home: Home, request: AdaptRequest, reporter: Reporter, work_d
     reporter.log(f"adapting {parent.ref} with {settings.method} on {len(split.training)} case(s), "
                  f"evaluating on {len(split.evaluation)}, device {device}")
 
-    from LymphNodeDGSTLib.engine.architectures import read_json
+    from LymphNodeDGSTLib.engine.store.architectures import read_json
     plans = read_json(parent.path / "plans.json")
     dataset_json = read_json(parent.path / "dataset.json")
     fold, checkpoint_path = adaptation_fold(parent)
@@ -243,7 +243,7 @@ def _why_not(request: AdaptRequest, before: float, after: float) -> str:
 def evaluate_versions(store: ModelStore, parent: ModelVersion, adapted: ModelVersion,
                       cases: list[CaseRecord], device, fast: bool, reporter: Reporter) -> list[dict]:
     """Dice and HD95 of parent and adapted model on each case."""
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 
     segmenter = Segmenter(store, device=str(device))
     truths = {c.id: sitk.ReadImage(str(c.label_path)) for c in cases}

@@ -118,7 +118,7 @@ def worker_main(spec_path: str) -> int:
     from LymphNodeDGSTLib.adaptation.ddp_trainer import distributed_trainer_class
     from LymphNodeDGSTLib.adaptation.nnunet_dataset import PreparedDataset
     from LymphNodeDGSTLib.adaptation.trainer import FineTuneSettings, fine_tune
-    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
 
     spec = json.loads(Path(spec_path).read_text())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -23,13 +23,13 @@ from LymphNodeDGSTLib.engine import nnunet_env  # noqa: F401  (sets nnU-Net's en
 import numpy as np
 import torch
 
-from LymphNodeDGSTLib.engine.architectures import checkpoint_dict
+from LymphNodeDGSTLib.engine.store.architectures import checkpoint_dict
 from LymphNodeDGSTLib.adaptation.dgst import (POLICY_NAMES, SPARSE_POLICY_NAMES, MaskedStepper, make_policy,
                                               merged_state_dict)
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.adaptation.nnunet_dataset import PreparedDataset, nnunet_folders
 from LymphNodeDGSTLib.adaptation.weight_stats import weight_change_summary
-from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
+from LymphNodeDGSTLib.engine.store.state_dicts import snapshot_state
 
 # Learning rates of the authors' code (DGST.md, comparison methods).
 DEFAULT_LEARNING_RATES = {"full": 1e-3, "bias": 1e-2, "norm": 1e-3, "lora": 1e-3,

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from LymphNodeDGSTLib.engine.state_dicts import alias_key
+from LymphNodeDGSTLib.engine.store.state_dicts import alias_key
 
 PARTS = ("conv", "norm", "bias", "head")
 ALWAYS_TRAINED_PARTS = ("norm", "bias", "head")

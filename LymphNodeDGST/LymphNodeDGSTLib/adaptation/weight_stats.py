@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from LymphNodeDGSTLib.engine.state_dicts import alias_key
+from LymphNodeDGSTLib.engine.store.state_dicts import alias_key
 
 _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -46,7 +46,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace, home: Home) -> int:
     from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, check_request
-    from LymphNodeDGSTLib.engine.devices import choose_device
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
     from LymphNodeDGSTLib.jobs.manager import JobManager
     from LymphNodeDGSTLib.jobs.follow import follow_job
 

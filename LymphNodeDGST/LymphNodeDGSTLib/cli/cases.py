@@ -31,7 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 
     library = CaseLibrary(home.cases)
     command = args.cases_command

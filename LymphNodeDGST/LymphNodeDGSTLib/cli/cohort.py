@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace, home: Home) -> int:
     from pathlib import Path
 
-    from LymphNodeDGSTLib.engine.cohort_csv import merge_cohort_csvs
+    from LymphNodeDGSTLib.engine.cohort.table import merge_cohort_csvs
     from LymphNodeDGSTLib.errors import UserInputError
 
     output = Path(args.output)

@@ -43,7 +43,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.engine.models import ModelStore, format_version_line, parse_model_spec
+    from LymphNodeDGSTLib.engine.store.models import ModelStore, format_version_line, parse_model_spec
 
     store = ModelStore(home.models)
     command = args.models_command
@@ -81,10 +81,10 @@ def handle(args: argparse.Namespace, home: Home) -> int:
             args.spec = store.resolve(args.spec).ref
         print(store.export(args.spec, args.destination))
     elif command == "export-adapter":
-        from LymphNodeDGSTLib.engine.adapter_store import export_adapter
+        from LymphNodeDGSTLib.engine.store.adapter_store import export_adapter
         print(export_adapter(store, args.spec, args.file))
     elif command == "install-adapter":
-        from LymphNodeDGSTLib.engine.adapter_store import install_adapter
+        from LymphNodeDGSTLib.engine.store.adapter_store import install_adapter
         print(install_adapter(store, args.file, activate=args.activate).ref)
     else:
         raise UserInputError("models: choose one of install, list, activate, rollback, export, "

@@ -30,9 +30,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.adaptation.ranking import list_candidates
-    from LymphNodeDGSTLib.engine.devices import choose_device
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.adaptation.cases.ranking import list_candidates
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
     from LymphNodeDGSTLib.jobs.follow import follow_job
     from LymphNodeDGSTLib.jobs.manager import JobManager
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from LymphNodeDGSTLib.cli.options import add_device
-from LymphNodeDGSTLib.engine.backend_names import BACKEND_CHOICES
+from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES
 from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError
 from LymphNodeDGSTLib.home import Home
 
@@ -36,9 +36,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.engine.images import check_output_path, read_image, write_image_atomic
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.images.files import check_output_path, read_image, write_image_atomic
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
     from LymphNodeDGSTLib.progress import TerminalProgress
 
     from LymphNodeDGSTLib.cli.segment_batch import handle_batch, is_batch
@@ -63,7 +63,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     write_image_atomic(result.label, output)
     print(f"wrote {output} ({result.model}, {result.device}, {result.backend}, {result.seconds:.1f} s)")
     if nodes_csv is not None:
-        from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
+        from LymphNodeDGSTLib.engine.segmentation.nodes import node_report, write_node_csv
         rows = node_report(result.label, image, min_volume_mm3=args.min_volume)
         write_node_csv(rows, nodes_csv)
         print(f"wrote {nodes_csv} ({len(rows)} nodes)")
@@ -71,7 +71,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
 
 
 def _check_csv_path(path: Path, inputs: list[str]) -> None:
-    from LymphNodeDGSTLib.engine.images import same_file
+    from LymphNodeDGSTLib.engine.images.files import same_file
 
     parent = path.parent if str(path.parent) else Path(".")
     for other in inputs:

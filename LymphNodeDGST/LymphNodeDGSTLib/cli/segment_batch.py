@@ -26,7 +26,7 @@ def register_batch_options(segment: argparse.ArgumentParser) -> None:
 
 def is_batch(args: argparse.Namespace) -> bool:
     """Folder in and an output without an image suffix (a folder): batch mode."""
-    from LymphNodeDGSTLib.engine.images import WRITABLE_SUFFIXES
+    from LymphNodeDGSTLib.engine.images.files import WRITABLE_SUFFIXES
 
     batch = Path(args.input).is_dir() and not args.output.lower().endswith(WRITABLE_SUFFIXES)
     if not batch and (args.devices or args.part):
@@ -35,11 +35,11 @@ def is_batch(args: argparse.Namespace) -> bool:
 
 
 def handle_batch(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.engine.batch import BatchSettings
-    from LymphNodeDGSTLib.engine.batch_devices import parse_devices
-    from LymphNodeDGSTLib.engine.cohort import plan_cohort, run_cohort
-    from LymphNodeDGSTLib.engine.models import ModelStore
-    from LymphNodeDGSTLib.engine.parts import parse_part
+    from LymphNodeDGSTLib.engine.cohort.batch import BatchSettings
+    from LymphNodeDGSTLib.engine.cohort.device_workers import parse_devices
+    from LymphNodeDGSTLib.engine.cohort.run import plan_cohort, run_cohort
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
+    from LymphNodeDGSTLib.engine.cohort.parts import parse_part
 
     if args.nodes:
         raise UserInputError("--nodes is for one CT; a folder gets NAME.nodes.csv per case")
@@ -55,7 +55,7 @@ def handle_batch(args: argparse.Namespace, home: Home) -> int:
           + (f" ({len(plan.ignored)} non-image file(s) ignored)" if plan.ignored else ""),
           file=sys.stderr, flush=True)
     if not plan.cases:
-        from LymphNodeDGSTLib.engine.cohort_csv import write_cohort_csv
+        from LymphNodeDGSTLib.engine.cohort.table import write_cohort_csv
         plan.output_dir.mkdir(exist_ok=True)
         write_cohort_csv([], plan.csv_path)
         print(f"wrote {plan.csv_path} (this part has no cases)")

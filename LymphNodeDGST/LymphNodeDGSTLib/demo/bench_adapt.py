@@ -354,12 +354,12 @@ def execute_run(spec: RunSpec) -> dict:
     import SimpleITK as sitk
     import torch
 
-    from LymphNodeDGSTLib.engine.architectures import read_json
-    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-    from LymphNodeDGSTLib.engine.devices import choose_device
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.store.architectures import read_json
+    from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
     from LymphNodeDGSTLib.adaptation.metrics import image_dice
-    from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
+    from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
     from LymphNodeDGSTLib.adaptation.nnunet_dataset import TrainingCase, prepare_dataset
     from LymphNodeDGSTLib.adaptation.trainer import FineTuneSettings, fine_tune
 
@@ -514,7 +514,7 @@ def open_output(output: Path, document: dict, resume: bool, extensible: tuple[st
 def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: Say = print) -> BenchOutputs:
     """Run every planned run (skipping those already in runs.jsonl when resuming); write
     results.md, results.json and the figure into `output`."""
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     config.validate()
     archive = benchmark_foundation()

@@ -84,9 +84,9 @@ EXTENSIBLE_SETTINGS = ("shots", "draws", "workers", "run_timeout_s")
 
 
 def run_benchmark(config: SelectConfig, output: Path, resume: bool = False, say: Say = _say) -> dict:
-    from LymphNodeDGSTLib.adaptation.ranking import rank_folder
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.adaptation.cases.ranking import rank_folder
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     config.validate()
     archive = benchmark_foundation()

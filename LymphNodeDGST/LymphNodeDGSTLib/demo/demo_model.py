@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from LymphNodeDGSTLib.engine.architectures import UNetSpec, build_network, make_dataset_json, make_plans
+from LymphNodeDGSTLib.engine.store.architectures import UNetSpec, build_network, make_dataset_json, make_plans
 
 DEMO_MODEL_NAME = "lymphnode-demo"
 DEMO_ZIP_NAME = "lymphnode-demo.zip"
@@ -81,8 +81,8 @@ def train_demo_model(output_zip: Path, seed: int = 0, cases: int = 16, iteration
     """Train the demo model from scratch on site-A phantoms and write it as a results-folder zip."""
     import torch
 
-    from LymphNodeDGSTLib.engine.architectures import checkpoint_dict
-    from LymphNodeDGSTLib.engine.devices import choose_device
+    from LymphNodeDGSTLib.engine.store.architectures import checkpoint_dict
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
     from LymphNodeDGSTLib.adaptation.nnunet_dataset import TrainingCase, prepare_dataset
     from LymphNodeDGSTLib.demo.phantom import write_phantoms
     from LymphNodeDGSTLib.adaptation.trainer import FineTuneSettings, fine_tune
@@ -116,7 +116,7 @@ def train_demo_model(output_zip: Path, seed: int = 0, cases: int = 16, iteration
 
 def validate(results_folder: Path, count: int, device) -> list[float]:
     """Dice of the trained model on unseen site-A phantoms (accurate mode)."""
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
     from LymphNodeDGSTLib.adaptation.metrics import image_dice
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
 

@@ -34,13 +34,13 @@ DEFAULT_ITERATIONS = 150
 def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | None = None,
              cases: int = len(CASE_SEEDS), tests: int = len(TEST_SEEDS)) -> int:
     from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest
-    from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+    from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
     from LymphNodeDGSTLib.demo.demo_model import ensure_default_model, locate_demo_model
-    from LymphNodeDGSTLib.engine.devices import choose_device, describe_device
-    from LymphNodeDGSTLib.engine.inference import Segmenter
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device, describe_device
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
     from LymphNodeDGSTLib.jobs.manager import JobManager
     from LymphNodeDGSTLib.jobs.follow import follow_job
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
     started = time.perf_counter()

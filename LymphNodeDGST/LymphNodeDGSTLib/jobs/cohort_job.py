@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import threading
 
-from LymphNodeDGSTLib.engine.batch import BatchSettings
-from LymphNodeDGSTLib.engine.batch_devices import parse_devices
-from LymphNodeDGSTLib.engine.cohort import plan_cohort, run_cohort
-from LymphNodeDGSTLib.engine.models import ModelStore
-from LymphNodeDGSTLib.engine.parts import parse_part
+from LymphNodeDGSTLib.engine.cohort.batch import BatchSettings
+from LymphNodeDGSTLib.engine.cohort.device_workers import parse_devices
+from LymphNodeDGSTLib.engine.cohort.run import plan_cohort, run_cohort
+from LymphNodeDGSTLib.engine.store.models import ModelStore
+from LymphNodeDGSTLib.engine.cohort.parts import parse_part
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
 from LymphNodeDGSTLib.jobs.manager import Reporter

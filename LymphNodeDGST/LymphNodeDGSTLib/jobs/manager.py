@@ -586,7 +586,7 @@ class JobManager:
             raise UserInputError(f"job parameters must be JSON data: {error}") from None
         if exclusive_device:
             if (device or "auto") == "auto":
-                from LymphNodeDGSTLib.engine.devices import choose_device
+                from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
                 device = str(choose_device("auto"))
             # Check and create as one step: of simultaneous submissions for a device, exactly
             # one gets a job; the others see it (running, worker still starting) and are refused.

@@ -13,9 +13,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from LymphNodeDGSTLib.adaptation.ranking import rank_folder, write_csv
-from LymphNodeDGSTLib.engine.inference import Segmenter
-from LymphNodeDGSTLib.engine.models import ModelStore
+from LymphNodeDGSTLib.adaptation.cases.ranking import rank_folder, write_csv
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
 from LymphNodeDGSTLib.jobs.manager import Reporter

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
-from LymphNodeDGSTLib.engine.images import check_output_path, read_image, write_image_atomic
-from LymphNodeDGSTLib.engine.inference import Segmenter
+from LymphNodeDGSTLib.engine.images.files import check_output_path, read_image, write_image_atomic
+from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 from LymphNodeDGSTLib.jobs.manager import Reporter
-from LymphNodeDGSTLib.engine.models import ModelStore
-from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
+from LymphNodeDGSTLib.engine.store.models import ModelStore
+from LymphNodeDGSTLib.engine.segmentation.nodes import node_report, write_node_csv
 
 
 def run(params: dict, reporter: Reporter) -> dict:

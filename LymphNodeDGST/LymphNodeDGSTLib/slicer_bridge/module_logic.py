@@ -33,12 +33,12 @@ class ModuleLogic:
         return JobManager(self.home.jobs)
 
     def store(self):
-        from LymphNodeDGSTLib.engine.models import ModelStore
+        from LymphNodeDGSTLib.engine.store.models import ModelStore
 
         return ModelStore(self.home.models)
 
     def library(self):
-        from LymphNodeDGSTLib.adaptation.cases import CaseLibrary
+        from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 
         return CaseLibrary(self.home.cases)
 
@@ -79,7 +79,7 @@ class ModuleLogic:
         return import_segmentation_result(files, volumeNode, self.scene, segmentationNode, tableNode)
 
     def segmentInProcess(self, volumeNode, segmentationNode=None, model=None, device="auto", fast=True):
-        from LymphNodeDGSTLib.engine.inference import Segmenter
+        from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 
         if self._segmenterKey != (self.home.models, device):  # kept loaded between calls
             self._segmenter = Segmenter(self.store(), device=device)

@@ -19,7 +19,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from LymphNodeDGSTLib.engine.geometry import ImageGeometry
+from LymphNodeDGSTLib.engine.images.geometry import ImageGeometry
 
 # RAS <-> LPS: flip the first two axes (its own inverse).
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])

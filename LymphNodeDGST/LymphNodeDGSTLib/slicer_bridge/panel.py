@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS  # noqa: F401  (re-exported for the GUI)
 from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_METHOD  # noqa: F401
-from LymphNodeDGSTLib.engine.backend_names import BACKEND_CHOICES  # noqa: F401  (re-exported for the GUI)
+from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES  # noqa: F401  (re-exported for the GUI)
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home, resolve_home
 from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
@@ -619,7 +619,7 @@ def segment_in_process(segmenter, volume_node, scene, model: str | None = None, 
     import SimpleITK as sitk
     from dataclasses import asdict
     from LymphNodeDGSTLib.slicer_bridge.mrml import volume_node_to_sitk
-    from LymphNodeDGSTLib.engine.nodes import node_report
+    from LymphNodeDGSTLib.engine.segmentation.nodes import node_report
 
     ct = volume_node_to_sitk(volume_node)
     label = segmenter.segment(ct, model=model, fast=fast).label
@@ -692,7 +692,7 @@ def submit_adaptation(manager: JobManager, home: Home, request, python: str | No
     """Check the request (UserInputError for what can fail before training), pin the parent
     version, and start the adaptation as an exclusive background job on its device."""
     from LymphNodeDGSTLib.adaptation.adapt import check_request
-    from LymphNodeDGSTLib.engine.devices import choose_device
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
 
     parent, _ = check_request(home, request)
     request = replace(request, model=parent.ref)
@@ -764,7 +764,7 @@ def install_model(params: dict, reporter) -> dict:
     """Job function (kind INSTALL_JOB_KIND): install a model from a zip, a folder or a URL in
     the background, so that a download or a large copy never blocks Slicer."""
     from LymphNodeDGSTLib.errors import UnsafeCheckpointError
-    from LymphNodeDGSTLib.engine.models import AlreadyInstalled, ModelStore
+    from LymphNodeDGSTLib.engine.store.models import AlreadyInstalled, ModelStore
 
     store = ModelStore(Home(Path(params["home"])).models)
     reporter.progress(0, 1, stage="install")
@@ -772,7 +772,7 @@ def install_model(params: dict, reporter) -> dict:
     sources = [part.strip() for part in params["source"].split(";") if part.strip()]
     try:
         if params.get("adapter"):
-            from LymphNodeDGSTLib.engine.adapter_store import install_adapter
+            from LymphNodeDGSTLib.engine.store.adapter_store import install_adapter
 
             version = install_adapter(store, params["source"])
         elif len(sources) > 1:
@@ -797,7 +797,7 @@ def install_model(params: dict, reporter) -> dict:
 def export_adapter_for_row(store, rows: Sequence[ModelRow], selected: int | None,
                            destination: str | Path) -> str:
     """Write the selected (adapted) version as a site adapter file; the status text to show."""
-    from LymphNodeDGSTLib.engine.adapter_store import export_adapter
+    from LymphNodeDGSTLib.engine.store.adapter_store import export_adapter
 
     if selected is None or not 0 <= selected < len(rows):
         raise UserInputError("Select an adapted version in the table first.")
@@ -812,7 +812,7 @@ def device_text(requested: str = "auto") -> str:
     """Which device work will run on and why, with advice when it is the CPU (imports torch)."""
     import torch
     from LymphNodeDGSTLib.slicer_bridge.dependencies import gpu_advice
-    from LymphNodeDGSTLib.engine.devices import choose_device, describe_device
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device, describe_device
 
     try:
         chosen = choose_device(requested)

@@ -50,7 +50,7 @@ def rank_inputs_folder(home: Home) -> Path:
 
 def write_volumes_for_ranking(volume_nodes: Sequence[Any], folder: Path) -> dict[str, str]:
     """Each scalar volume node as FOLDER/NNN.nrrd (atomically); {path: node id}."""
-    from LymphNodeDGSTLib.engine.images import write_image_atomic
+    from LymphNodeDGSTLib.engine.images.files import write_image_atomic
     from LymphNodeDGSTLib.slicer_bridge.mrml import volume_node_to_sitk
 
     paths = {}

@@ -13,15 +13,15 @@ import os
 import queue as queue_module
 from typing import Sequence
 
-from LymphNodeDGSTLib.engine.batch import BatchSettings, RowCallback, segment_cases
-from LymphNodeDGSTLib.engine.cohort_csv import CohortRow
-from LymphNodeDGSTLib.engine.cohort_inputs import CohortCase
+from LymphNodeDGSTLib.engine.cohort.batch import BatchSettings, RowCallback, segment_cases
+from LymphNodeDGSTLib.engine.cohort.table import CohortRow
+from LymphNodeDGSTLib.engine.cohort.inputs import CohortCase
 from LymphNodeDGSTLib.errors import UserInputError
 
 
 def parse_devices(spec: str | None, default: str = "auto") -> list[str]:
     """'cuda:0,cuda:1' -> ['cuda:0', 'cuda:1'], each checked now (an absent GPU is exit 2)."""
-    from LymphNodeDGSTLib.engine.devices import choose_device
+    from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
 
     names = [d.strip() for d in (spec or default).split(",")]
     if not all(names):

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
-from LymphNodeDGSTLib.engine.fetch import (check_url, download, extract_zip_safely, is_url,
+from LymphNodeDGSTLib.engine.store.fetch import (check_url, download, extract_zip_safely, is_url,
                                            verify_sha256)
-from LymphNodeDGSTLib.engine.json_files import (BOOLEAN, OBJECT, OPTIONAL_NUMBER, OPTIONAL_OBJECT,
+from LymphNodeDGSTLib.engine.store.json_files import (BOOLEAN, OBJECT, OPTIONAL_NUMBER, OPTIONAL_OBJECT,
                                                 OPTIONAL_POSITIVE_INT, OPTIONAL_TEXT, POSITIVE_INT,
                                                 POSITIVE_INT_LIST, TEXT, check_fields,
                                                 read_json_object)
-from LymphNodeDGSTLib.engine.modelcheck import (CHECKPOINT_NAME, ResultsFolderInfo, find_checkpoints,
+from LymphNodeDGSTLib.engine.store.results_folders import (CHECKPOINT_NAME, ResultsFolderInfo, find_checkpoints,
                                                 validate_results_folder)
 from LymphNodeDGSTLib.engine.processes import owner_alive, owner_tag
 
@@ -225,7 +225,7 @@ class ModelStore:
     def install_checkpoints(self, sources: list[str | os.PathLike], name: str | None = None,
                             trust_checkpoint: bool = False, force: bool = False) -> ModelVersion:
         """Install several bare nnU-Net v2 checkpoint files (the folds of one model) as one model."""
-        from LymphNodeDGSTLib.engine.checkpoint_folder import is_torch_checkpoint, rebuild_results_folder
+        from LymphNodeDGSTLib.engine.store.checkpoint_folder import is_torch_checkpoint, rebuild_results_folder
 
         if len(sources) == 1:
             return self.install(sources[0], name=name, trust_checkpoint=trust_checkpoint, force=force)
@@ -255,7 +255,7 @@ class ModelStore:
 
     def _open_file(self, path: Path, work: Path, trust: bool) -> Path:
         """The results folder in a zip, or one rebuilt from a bare checkpoint file's init_args."""
-        from LymphNodeDGSTLib.engine.checkpoint_folder import is_torch_checkpoint, rebuild_results_folder
+        from LymphNodeDGSTLib.engine.store.checkpoint_folder import is_torch_checkpoint, rebuild_results_folder
 
         if is_torch_checkpoint(path):
             return rebuild_results_folder([path], work / "rebuilt", trust=trust)

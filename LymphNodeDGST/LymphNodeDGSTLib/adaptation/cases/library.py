@@ -28,11 +28,11 @@ import SimpleITK as sitk
 
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
 from LymphNodeDGSTLib.engine.file_lock import exclusive_lock
-from LymphNodeDGSTLib.engine.image_integrity import check_finite_voxels
-from LymphNodeDGSTLib.engine.images import (check_3d_scalar, ct_range_warning, read_image,
+from LymphNodeDGSTLib.engine.images.integrity import check_finite_voxels
+from LymphNodeDGSTLib.engine.images.files import (check_3d_scalar, ct_range_warning, read_image,
                                             write_verified_image)
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
-from LymphNodeDGSTLib.engine.json_files import (NUMBER, NUMBER_LIST, POSITIVE_INT_LIST, TEXT,
+from LymphNodeDGSTLib.engine.store.json_files import (NUMBER, NUMBER_LIST, POSITIVE_INT_LIST, TEXT,
                                                 TEXT_LIST, read_json_object)
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch

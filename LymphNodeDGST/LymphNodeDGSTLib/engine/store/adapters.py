@@ -13,7 +13,7 @@ File layout (safetensors: a JSON header and raw little-endian tensors, nothing e
               with}, and the version's record (method, metrics, ...).
 
 "Changed" means a different bit pattern (so -0.0 vs 0.0 and NaN payloads count), and
-reconstruction is checked against the result's `weights_sha256` (engine/state_dicts.py), so a
+reconstruction is checked against the result's `weights_sha256` (engine/store/state_dicts.py), so a
 corrupted value is refused, never silently installed.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from LymphNodeDGSTLib.atomic import temporary_sibling
-from LymphNodeDGSTLib.engine.state_dicts import alias_key, weights_sha256
+from LymphNodeDGSTLib.engine.store.state_dicts import alias_key, weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError
 
 ADAPTER_FORMAT = "lndgst-site-adapter"

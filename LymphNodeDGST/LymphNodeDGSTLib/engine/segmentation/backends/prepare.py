@@ -1,7 +1,7 @@
 """Converting a model version for a backend in a background process, the first time `auto` meets it.
 
-`python -m LymphNodeDGSTLib.engine.backend_prepare VERSION_FOLDER BACKEND` converts every fold
-into the version's cache (backend_cache.py) at low priority and exits. The segmentation that
+`python -m LymphNodeDGSTLib.engine.segmentation.backends.prepare VERSION_FOLDER BACKEND` converts every fold
+into the version's cache (cache.py) at low priority and exits. The segmentation that
 started it runs with torch and never waits; the next one finds the conversion. A lock file keeps
 to one converter per version and backend; a failure is kept as one line (`<format>.error`) so
 that later runs say why they use torch instead of retrying forever.
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from LymphNodeDGSTLib.engine.backend_cache import cache_root
-from LymphNodeDGSTLib.engine.backend_names import FORMAT_OF
+from LymphNodeDGSTLib.engine.segmentation.backends.cache import cache_root
+from LymphNodeDGSTLib.engine.segmentation.backends.names import FORMAT_OF
 
 STALE_LOCK_SECONDS = 3600
 
@@ -62,7 +62,7 @@ def start_background_conversion(version_path: Path, backend: str) -> bool:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
-        subprocess.Popen([sys.executable, "-m", "LymphNodeDGSTLib.engine.backend_prepare",
+        subprocess.Popen([sys.executable, "-m", "LymphNodeDGSTLib.engine.segmentation.backends.prepare",
                           str(version_path), backend], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
@@ -73,10 +73,10 @@ def start_background_conversion(version_path: Path, backend: str) -> bool:
 
 def prepare(version_path: Path, backend: str) -> None:
     """Convert every fold of the version at `version_path` for `backend` (this process)."""
-    from LymphNodeDGSTLib.engine.architectures import build_network, read_json
-    from LymphNodeDGSTLib.engine.backends import ensure_converted
-    from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-    from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
+    from LymphNodeDGSTLib.engine.store.architectures import build_network, read_json
+    from LymphNodeDGSTLib.engine.segmentation.backends.networks import ensure_converted
+    from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+    from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
 
     plans = read_json(version_path / "plans.json")
     dataset_json = read_json(version_path / "dataset.json")

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from LymphNodeDGSTLib.engine.batch import BatchSettings
-from LymphNodeDGSTLib.engine.cohort_csv import CohortRow, cohort_file_name, write_cohort_csv
-from LymphNodeDGSTLib.engine.cohort_inputs import CohortCase, discover_cases
-from LymphNodeDGSTLib.engine.parts import Part
+from LymphNodeDGSTLib.engine.cohort.batch import BatchSettings
+from LymphNodeDGSTLib.engine.cohort.table import CohortRow, cohort_file_name, write_cohort_csv
+from LymphNodeDGSTLib.engine.cohort.inputs import CohortCase, discover_cases
+from LymphNodeDGSTLib.engine.cohort.parts import Part
 from LymphNodeDGSTLib.errors import UserInputError
 
 
@@ -79,7 +79,7 @@ def run_cohort(plan: CohortPlan, settings: BatchSettings, devices: list[str],
                on_row: Callable[[CohortRow, Eta], None] | None = None,
                cancel_event: threading.Event | None = None) -> list[CohortRow]:
     """Segment the plan's cases on `devices`; the cohort CSV holds every finished row."""
-    from LymphNodeDGSTLib.engine.batch_devices import segment_on_devices
+    from LymphNodeDGSTLib.engine.cohort.device_workers import segment_on_devices
 
     plan.output_dir.mkdir(exist_ok=True)
     eta = Eta(len(plan.cases), len(devices))

@@ -31,9 +31,9 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from LymphNodeDGSTLib.engine.bodycrop import find_body_box
-from LymphNodeDGSTLib.engine.images import ct_range_warning
-from LymphNodeDGSTLib.engine.inference import (ProgressCallback, Segmenter, background_logits,
+from LymphNodeDGSTLib.engine.segmentation.body_crop import find_body_box
+from LymphNodeDGSTLib.engine.images.files import ct_range_warning
+from LymphNodeDGSTLib.engine.segmentation.segmenter import (ProgressCallback, Segmenter, background_logits,
                                                box_in_preprocessed_grid)
 from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory
 

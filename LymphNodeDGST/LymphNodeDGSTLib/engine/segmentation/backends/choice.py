@@ -3,7 +3,7 @@
 An explicit backend is converted now if needed (the user asked for it; in Slicer this happens in
 the segment job's worker, never in the panel). `auto` uses a cached conversion when the version
 has one; otherwise this run uses torch while a background process converts the version for the
-next run (backend_prepare.py; started by `start_pending_conversion` once this segmentation
+next run (prepare.py; started by `start_pending_conversion` once this segmentation
 has succeeded, so a failed run leaves the store untouched). Anything that keeps a backend from running means torch, with a
 one-line reason; nothing here raises for an optional backend.
 """
@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
-from LymphNodeDGSTLib.engine.backend_cache import find_cached
-from LymphNodeDGSTLib.engine.backend_prepare import previous_failure, start_background_conversion
-from LymphNodeDGSTLib.engine.backends import (BackendChoice, BackendNetwork, ProgressCallback,
+from LymphNodeDGSTLib.engine.segmentation.backends.cache import find_cached
+from LymphNodeDGSTLib.engine.segmentation.backends.prepare import previous_failure, start_background_conversion
+from LymphNodeDGSTLib.engine.segmentation.backends.networks import (BackendChoice, BackendNetwork, ProgressCallback,
                                               build_backend_network, conversion_key, resolve_backend)
 
 

@@ -23,15 +23,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from LymphNodeDGSTLib.engine.backend_choice import attach_backend, start_pending_conversion
-from LymphNodeDGSTLib.engine.backends import BackendChoice, check_backend_name
-from LymphNodeDGSTLib.engine.bodycrop import BodyBox, find_body_box
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.devices import choose_device
+from LymphNodeDGSTLib.engine.segmentation.backends.choice import attach_backend, start_pending_conversion
+from LymphNodeDGSTLib.engine.segmentation.backends.networks import BackendChoice, check_backend_name
+from LymphNodeDGSTLib.engine.segmentation.body_crop import BodyBox, find_body_box
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
 from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError
-from LymphNodeDGSTLib.engine.images import ct_range_warning
-from LymphNodeDGSTLib.engine.models import ModelStore, ModelVersion
-from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
+from LymphNodeDGSTLib.engine.images.files import ct_range_warning
+from LymphNodeDGSTLib.engine.store.models import ModelStore, ModelVersion
+from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
 
 # progress(stage, done, total); stages: "load", "preprocess", "predict", "resample"
 ProgressCallback = Callable[[str, int, int], None]
@@ -293,7 +293,7 @@ def load_predictor(version: ModelVersion, device: torch.device, trust_checkpoint
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from LymphNodeDGSTLib.engine.architectures import build_network, read_json
+    from LymphNodeDGSTLib.engine.store.architectures import build_network, read_json
 
     plans = read_json(version.path / "plans.json")
     dataset_json = read_json(version.path / "dataset.json")

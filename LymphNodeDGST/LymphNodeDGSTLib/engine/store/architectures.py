@@ -18,8 +18,8 @@ from LymphNodeDGSTLib.engine import nnunet_env  # noqa: F401  (sets nnU-Net's en
 import torch
 from torch import nn
 
-from LymphNodeDGSTLib.engine.network_support import PLAIN_UNET, RESENC_UNET
-from LymphNodeDGSTLib.engine.state_dicts import snapshot_state
+from LymphNodeDGSTLib.engine.store.network_support import PLAIN_UNET, RESENC_UNET
+from LymphNodeDGSTLib.engine.store.state_dicts import snapshot_state
 
 CONFIGURATION = "3d_fullres"
 NETWORKS = {"plain": PLAIN_UNET, "resenc": RESENC_UNET}

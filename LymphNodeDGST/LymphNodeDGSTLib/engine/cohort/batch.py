@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from LymphNodeDGSTLib.atomic import write_json_atomic
-from LymphNodeDGSTLib.engine.cohort_csv import CohortRow
-from LymphNodeDGSTLib.engine.cohort_inputs import CohortCase, image_sha256
+from LymphNodeDGSTLib.engine.cohort.table import CohortRow
+from LymphNodeDGSTLib.engine.cohort.inputs import CohortCase, image_sha256
 from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError
 
 RECORD_FOLDER = ".lndgst-batch"
@@ -81,8 +81,8 @@ def segment_cases(cases: Sequence[CohortCase], output_dir: str | Path, settings:
                   device: str = "auto", on_row: RowCallback | None = None,
                   cancel_event: threading.Event | None = None) -> list[CohortRow]:
     """Segment `cases` into `output_dir` on one device; one row per case, in order."""
-    from LymphNodeDGSTLib.engine.inference import Segmenter
-    from LymphNodeDGSTLib.engine.models import ModelStore
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     output_dir = Path(output_dir)
     (output_dir / RECORD_FOLDER).mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def segment_cases(cases: Sequence[CohortCase], output_dir: str | Path, settings:
 def _read_ahead(cases, output_dir, settings, segmenter, version, key, handoff: queue.Queue,
                 stop: threading.Event, cancel: threading.Event) -> None:
     """Reader thread: each case becomes a failed/resumed row or (case, digest, prepared)."""
-    from LymphNodeDGSTLib.engine.images import read_image
+    from LymphNodeDGSTLib.engine.images.files import read_image
 
     try:
         for case in cases:
@@ -147,8 +147,8 @@ def _read_ahead(cases, output_dir, settings, segmenter, version, key, handoff: q
 def _finish_case(segmenter, case: CohortCase, digest: str, prepared, *, output_dir: Path,
                  settings: BatchSettings, key: str, cancel: threading.Event) -> CohortRow:
     """Network, node report, and the three outputs (record last) of one prepared case."""
-    from LymphNodeDGSTLib.engine.images import write_image_atomic
-    from LymphNodeDGSTLib.engine.nodes import node_report, write_node_csv
+    from LymphNodeDGSTLib.engine.images.files import write_image_atomic
+    from LymphNodeDGSTLib.engine.segmentation.nodes import node_report, write_node_csv
 
     started = time.perf_counter()
     try:

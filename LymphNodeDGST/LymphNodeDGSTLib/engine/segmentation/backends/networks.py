@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from LymphNodeDGSTLib.engine.backend_names import AUTO_PREFERENCE, BACKEND_CHOICES, FORMAT_OF, PACKAGE_OF
-from LymphNodeDGSTLib.engine.backend_cache import cache_key, file_sha256, find_cached, store_conversion
+from LymphNodeDGSTLib.engine.segmentation.backends.names import AUTO_PREFERENCE, BACKEND_CHOICES, FORMAT_OF, PACKAGE_OF
+from LymphNodeDGSTLib.engine.segmentation.backends.cache import cache_key, file_sha256, find_cached, store_conversion
 from LymphNodeDGSTLib.errors import UserInputError
 
 

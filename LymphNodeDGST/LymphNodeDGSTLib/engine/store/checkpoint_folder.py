@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.errors import ModelValidationError
 
 FOLD_PATTERN = re.compile(r"^(\d{1,3}|all)$")

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.fetch import file_sha256
-from LymphNodeDGSTLib.engine.json_files import read_json_object
-from LymphNodeDGSTLib.engine.network_support import check_supported_network
-from LymphNodeDGSTLib.engine.state_dicts import weights_sha256
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.fetch import file_sha256
+from LymphNodeDGSTLib.engine.store.json_files import read_json_object
+from LymphNodeDGSTLib.engine.store.network_support import check_supported_network
+from LymphNodeDGSTLib.engine.store.state_dicts import weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError
 
 CHECKPOINT_NAME = "checkpoint_final.pth"
@@ -206,7 +206,7 @@ def _seg_layer_index(key: str) -> int:
 
 def _check_network_matches(folder: Path, plans: dict, dataset_json: dict, configuration: str,
                            weights: dict) -> int:
-    from LymphNodeDGSTLib.engine.architectures import build_network
+    from LymphNodeDGSTLib.engine.store.architectures import build_network
 
     try:
         network = build_network(plans, dataset_json, configuration)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LymphNodeDGSTLib.engine.images import WRITABLE_SUFFIXES
+from LymphNodeDGSTLib.engine.images.files import WRITABLE_SUFFIXES
 from LymphNodeDGSTLib.errors import UserInputError
 
 IMAGE_SUFFIXES = WRITABLE_SUFFIXES

@@ -5,7 +5,7 @@ A folder's entries are image files (NIfTI, NRRD, MHA, ...) and sub-folders (one 
 each); hidden entries are ignored. Each entry is scored once per model version and image content
 (`rank_cache.py`), so ranking a folder again scores only new or changed CTs. An entry that cannot
 be scored (unreadable, 2D, not CT-like intensities, not an image) is kept in the output with its
-reason; it never stops the ranking. The score is `UncertaintyScores.score` (engine/uncertainty.py).
+reason; it never stops the ranking. The score is `UncertaintyScores.score` (engine/segmentation/uncertainty.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from LymphNodeDGSTLib.adaptation.diversity import diverse_order, image_features
-from LymphNodeDGSTLib.adaptation.rank_cache import RankCache, content_sha256, model_key
+from LymphNodeDGSTLib.adaptation.cases.diversity import diverse_order, image_features
+from LymphNodeDGSTLib.adaptation.cases.rank_cache import RankCache, content_sha256, model_key
 from LymphNodeDGSTLib.atomic import write_text_atomic
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 
@@ -76,10 +76,10 @@ def score_image(path: Path, segmenter, model, cache: RankCache, progress: Progre
     input (the reason goes into the result); Cancelled and OutOfMemory pass through."""
     import SimpleITK as sitk
 
-    from LymphNodeDGSTLib.adaptation.cases import image_sha256
-    from LymphNodeDGSTLib.engine.bodycrop import find_body_box
-    from LymphNodeDGSTLib.engine.images import ct_range_warning, read_image
-    from LymphNodeDGSTLib.engine.uncertainty import segment_with_uncertainty
+    from LymphNodeDGSTLib.adaptation.cases.library import image_sha256
+    from LymphNodeDGSTLib.engine.segmentation.body_crop import find_body_box
+    from LymphNodeDGSTLib.engine.images.files import ct_range_warning, read_image
+    from LymphNodeDGSTLib.engine.segmentation.uncertainty import segment_with_uncertainty
 
     result = RankedImage(str(path))
     reason = check_entry(path)
@@ -128,7 +128,7 @@ def rank_folder(folder: str | os.PathLike, segmenter, model=None, cache_root: st
                 log: Callable[[str], None] | None = None) -> list[RankedImage]:
     """Every entry of `folder`, scored and ordered: ranked CTs first (rank 1 = correct first),
     then the skipped entries with their reasons."""
-    from LymphNodeDGSTLib.engine.uncertainty import SCORE_VERSION
+    from LymphNodeDGSTLib.engine.segmentation.uncertainty import SCORE_VERSION
 
     entries = list_candidates(folder)
     version = segmenter._resolve(model)

@@ -1,7 +1,7 @@
 """Site adapters and the model store: export a version as a delta, install one onto its base.
 
 `export_adapter(store, "NAME@V", FILE)` writes version V of NAME as a delta over the fold of its
-parent it was fine-tuned from (engine/adapters.py). `install_adapter(store, FILE)` finds that
+parent it was fine-tuned from (engine/store/adapters.py). `install_adapter(store, FILE)` finds that
 parent among the installed versions by the sha256 of its weights (whatever the model is called
 here), rebuilds the adapted weights bitwise, and adds them as a new version of that model: an
 ordinary results folder, validated like any install, published with one rename.
@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from LymphNodeDGSTLib.atomic import staging_folder
-from LymphNodeDGSTLib.engine.adapters import apply_adapter, read_adapter, write_adapter
-from LymphNodeDGSTLib.engine.architectures import checkpoint_dict, read_json
-from LymphNodeDGSTLib.engine.checkpoints import load_checkpoint
-from LymphNodeDGSTLib.engine.fetch import file_sha256
-from LymphNodeDGSTLib.engine.modelcheck import find_checkpoints
-from LymphNodeDGSTLib.engine.models import ModelStore, ModelVersion
-from LymphNodeDGSTLib.engine.state_dicts import weights_sha256
+from LymphNodeDGSTLib.engine.store.adapters import apply_adapter, read_adapter, write_adapter
+from LymphNodeDGSTLib.engine.store.architectures import checkpoint_dict, read_json
+from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.fetch import file_sha256
+from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
+from LymphNodeDGSTLib.engine.store.models import ModelStore, ModelVersion
+from LymphNodeDGSTLib.engine.store.state_dicts import weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
 
 # What of a version's record travels with its adapter.

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LymphNodeDGSTLib.atomic import default_mode, temporary_sibling
-from LymphNodeDGSTLib.engine.image_integrity import (check_finite_voxels, check_nifti_complete,
+from LymphNodeDGSTLib.engine.images.integrity import (check_finite_voxels, check_nifti_complete,
                                                      check_slice_spacing)
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 

@@ -1,0 +1,1 @@
+"""CT and label images on disk and in space: reading and writing, integrity checks, geometry."""
