@@ -71,7 +71,11 @@ def test_extension_cmake_metadata_is_complete_and_consistent():
     text = (REPO / "CMakeLists.txt").read_text()
     sets = _cmake_sets(REPO / "CMakeLists.txt")
     entry = _catalog_entry()
-    assert re.search(r"cmake_minimum_required\(VERSION 3\.16\.3\.\.\.3\.19\.7 FATAL_ERROR\)", text)
+    # Slicer 5.10's extension template asks 3.20.6...3.22.6 and SlicerConfig.cmake refuses an older
+    # minimum; catches the 3.16.3...3.19.7 this file once carried from an older template.
+    minimum = re.search(r"cmake_minimum_required\(VERSION (\d+)\.(\d+)\.(\d+)\.\.\.(\d+)\.(\d+)\.(\d+) FATAL_ERROR\)", text)
+    assert minimum, "cmake_minimum_required(VERSION min...max FATAL_ERROR) as in Slicer's template"
+    assert tuple(map(int, minimum.groups()[:3])) >= (3, 20, 6)
     assert re.search(r"\bproject\(LymphNodeDGST\)", text)
 
     assert sets["EXTENSION_HOMEPAGE"] == GITHUB

@@ -11,8 +11,8 @@ from conftest import make_ct
 from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary, image_sha256
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.slicer_bridge.ranking_panel import (RANK_COLUMNS, doubtful_point_ras, library_hashes,
-                                                          rank_rows)
+from LymphNodeDGSTLib.slicer_bridge.ranking_panel import (RANK_COLUMNS, RankRow, doubtful_point_ras, library_hashes,
+                                                          open_ranked_ct, rank_rows)
 
 RESULT = {
     "ranked": [
@@ -71,3 +71,35 @@ def test_loaded_volumes_are_written_for_the_rank_job(tmp_path):
     assert context["names"][path] == "Neck CT" and node_id == node.GetID()
     written = sitk.ReadImage(path)
     assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(ct))
+
+
+def test_a_dicom_series_folder_row_opens_as_a_volume(tmp_path):
+    """Catches the double-click handing a DICOM series folder to Slicer's file loader (which cannot
+    open folders: `slicer.util.loadVolume(folder)` fails), and a series read with other voxels or
+    geometry than the rank job scored."""
+    import slicer
+
+    image = sitk.Cast(make_ct(seed=3), sitk.sitkInt16)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    uid = "1.2.826.0.1.3680043.2.1125.1"
+    for z in range(image.GetDepth()):
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        slice_ = image[:, :, z]
+        for key, value in (("0020|000e", uid), ("0020|0013", str(z + 1)), ("0008|0060", "CT"),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, z))))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "\\".join(map(str, image.GetSpacing()[:2]))),
+                           ("0018|0050", str(image.GetSpacing()[2]))):
+            slice_.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(slice_)
+    scene = slicer.vtkMRMLScene()
+    files_loaded = []
+    node = open_ranked_ct(RankRow(str(folder), "series", 1, 1.0, False, None), scene, files_loaded.append)
+    assert files_loaded == []
+    assert node is not None and scene.GetNodeByID(node.GetID()) is node
+    assert node.GetImageData().GetDimensions() == image.GetSize()
+    file_row = RankRow(str(tmp_path / "ct.nrrd"), "ct", 2, 0.5, False, None)
+    open_ranked_ct(file_row, scene, files_loaded.append)
+    assert files_loaded == [str(tmp_path / "ct.nrrd")]  # files still go through Slicer's own loader

@@ -3,8 +3,9 @@
 The loaded volumes (written to a job folder as NRRD) or a chosen folder are ranked by the `rank`
 background job; its result becomes one table row per CT, most useful first, with the skipped
 entries and their reasons at the end. A row whose CT is already in the case library (same voxel
-hash as a library case) is marked. Double-clicking a row loads the CT if it is a file, segments
-it, and centres the views on its most doubtful node (`doubtful_point_ras`).
+hash as a library case) is marked. Double-clicking a row opens the CT (`open_ranked_ct`: the loaded
+node, a file through Slicer's loader, or a DICOM series folder), segments it, and centres the views on
+its most doubtful node (`doubtful_point_ras`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
@@ -115,3 +116,20 @@ def doubtful_point_ras(row: RankRow) -> tuple[float, float, float] | None:
     if not point:
         return None
     return (-float(point[0]), -float(point[1]), float(point[2]))
+
+
+def open_ranked_ct(row: RankRow, scene, load_file: Callable[[str], Any]):
+    """The volume node of a ranked CT: the loaded node it came from, a file through `load_file`
+    (Slicer's `util.loadVolume`), or a DICOM series folder. Slicer's file loader cannot open a
+    folder; the series is read with the same reader the rank job scored it with, so the voxels shown
+    are the voxels ranked."""
+    node = scene.GetNodeByID(row.volume_node_id) if row.volume_node_id else None
+    if node is not None:
+        return node
+    path = Path(row.path)
+    if not path.is_dir():
+        return load_file(str(path))
+    from LymphNodeDGSTLib.engine.images.files import read_image
+    from LymphNodeDGSTLib.slicer_bridge.mrml import sitk_image_to_volume_node
+
+    return sitk_image_to_volume_node(read_image(path, "CT"), scene, row.name)
