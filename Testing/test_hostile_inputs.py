@@ -157,6 +157,19 @@ def write_file(relative: str, text: str | bytes) -> Callable[[Workspace], None]:
     return damage
 
 
+def second_fold_of_another_shape(folder: Path) -> None:
+    """A copy of fold 0 as fold 1 whose first convolution has a kernel of another size."""
+    import shutil
+
+    shutil.copytree(folder / "fold_0", folder / "fold_1")
+    path = folder / "fold_1" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    weights = checkpoint["network_weights"]
+    first_conv = next(k for k in weights if k.endswith("conv.weight"))
+    weights[first_conv] = torch.zeros(*weights[first_conv].shape[:2], 1, 1, 1)
+    torch.save(checkpoint, path)
+
+
 STATE, VERSION, CASE = "models/tiny/state.json", "models/tiny/versions/1/version.json", \
     "cases/case-0001/case.json"
 
@@ -204,6 +217,33 @@ PROBES: dict[str, tuple[Callable[[Workspace], list[str]], str]] = {
     "patch_size not divisible": (damaged_model(lambda f: edit_json(
         f / "plans.json", lambda p: p["configurations"]["3d_fullres"].update(patch_size=[33, 64, 64]))),
         "divisible"),
+    # issue 26, item 5: non-finite weights installed and segmented to an empty label with exit 0
+    "weights NaN": (damaged_model(lambda f: edit_checkpoint(f, lambda c: c["network_weights"][
+        last_seg_layer(c["network_weights"])].view(-1).__setitem__(0, float("nan")))), "NaN or infinite"),
+    "weights inf": (damaged_model(lambda f: edit_checkpoint(f, lambda c: c["network_weights"][
+        last_seg_layer(c["network_weights"])].view(-1).__setitem__(0, float("inf")))), "NaN or infinite"),
+    # item 9: installs that validated, then crashed `segment` with a traceback
+    "second fold of another shape": (damaged_model(second_fold_of_another_shape), "fold_1"),
+    "normalisation unknown": (damaged_model(lambda f: edit_json(f / "plans.json", lambda p: p[
+        "configurations"]["3d_fullres"].update(normalization_schemes=["NoSuchNormalization"]))),
+        "normalization_schemes"),
+    "intensity properties missing": (damaged_model(lambda f: edit_json(f / "plans.json", lambda p: p.pop(
+        "foreground_intensity_properties_per_channel"))), "foreground_intensity_properties_per_channel"),
+    "transpose_forward bad": (damaged_model(lambda f: edit_json(f / "plans.json", lambda p: p.update(
+        transpose_forward=[0, 0, 7]))), "transpose_forward"),
+    "mirroring axes 5": (damaged_model(lambda f: edit_checkpoint(f, lambda c: c.update(
+        inference_allowed_mirroring_axes=5))), "mirroring"),
+    "mirroring axes text": (damaged_model(lambda f: edit_checkpoint(f, lambda c: c.update(
+        inference_allowed_mirroring_axes="abc"))), "mirroring"),
+    "mirroring axes 7, 9": (damaged_model(lambda f: edit_checkpoint(f, lambda c: c.update(
+        inference_allowed_mirroring_axes=(7, 9)))), "mirroring"),
+    "patch_size huge": (damaged_model(lambda f: edit_json(f / "plans.json", lambda p: p[
+        "configurations"]["3d_fullres"].update(patch_size=[64, 64, 64000]))), "patch_size"),
+    "spacing tiny": (damaged_model(lambda f: edit_json(f / "plans.json", lambda p: p[
+        "configurations"]["3d_fullres"].update(spacing=[1e-4, 1e-4, 1e-4]))), "spacing"),
+    # item 10: a configuration whose architecture is a string
+    "architecture a string": (damaged_model(lambda f: edit_json(f / "plans.json", lambda p: p[
+        "configurations"]["3d_fullres"].update(architecture="UNet"))), "architecture"),
     # a line break in a file name must not break the one-line contract
     "file name with a line break": (lambda w: ["segment", str(w.tmp / "no\nsuch.nii.gz"),
                                                str(w.tmp / "o.nii.gz")], "not found"),

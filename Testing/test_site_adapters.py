@@ -147,6 +147,28 @@ BAD_ADAPTERS = {
         shape=[2, 8, 1, 1, 1, 1])), "in the base but [2, 8, 1, 1, 1, 1]"),
     "index out of range": (lambda a, d: _rewrite(a, d, edit_tensors=_out_of_range),
                            "outside the base's tensor"),
+    # issue 26, item 1: the fold becomes a folder name and is not covered by the weights checksum
+    "fold climbs out of the home": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["result"].update(
+        fold="0/../../../../../escaped")), "result.fold is"),
+    "configuration is a path": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["result"].update(
+        configuration="../3d_fullres")), "result.configuration is"),
+    # item 7: a record the store could not read back once published
+    "record.method a number": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["record"].update(
+        method=5)), "record.method is 5"),
+    "record.metrics a string": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["record"].update(
+        metrics="good")), "record.metrics is"),
+    # item 10: crafted headers and tensors that once ended in a traceback
+    "alias owner missing": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["aliases"].update(
+        {"decoder." + CONV: "no.such.tensor"})), "not one of the adapter's tensors"),
+    "alias owner a list": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["aliases"].update(
+        {"decoder." + CONV: [CONV]})), "not one of the adapter's tensors"),
+    "gaps stored as bf16": (lambda a, d: _rewrite(a, d, edit_tensors=lambda ts: ts.update(
+        {f"{CONV}:gaps": ts[f"{CONV}:gaps"].to(torch.bfloat16)})), "stored as bfloat16, not uint16"),
+    "gaps stored as float8": (lambda a, d: _rewrite(a, d, edit_tensors=lambda ts: ts.update(
+        {f"{CONV}:gaps": ts[f"{CONV}:gaps"].to(torch.float32).to(torch.float8_e4m3fn)})),
+        "stored as float8_e4m3fn, not uint16"),
+    "layout spec malformed": (lambda a, d: _rewrite(a, d, edit_header=lambda h: h["tensors"].update(
+        {HEAD: "abc"})), "the layout of tensor"),
 }
 
 
@@ -164,6 +186,7 @@ def test_bad_adapters_exit_2_and_install_nothing(site_a, tmp_path, tiny_model_fo
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert tree_snapshot(home_b) == before
+    assert not any(tmp_path.parent.rglob("escaped")), "an adapter wrote outside the home"
 
 
 def test_adapter_for_another_base_is_refused(site_a, tmp_path):
@@ -189,3 +212,24 @@ def test_export_adapter_needs_an_adapted_version_and_writes_nothing_on_refusal(s
     header = read_adapter(adapter).header
     assert header["parent"]["name"] == "foundation" and header["parent"]["version"] == 1
     assert header["record"]["method"] == "dgst" and header["aliases"]["decoder." + CONV] == CONV
+
+
+def test_adapter_with_non_finite_weights_is_refused(site_a, tmp_path, tiny_model_folder):
+    """Issue 26, item 5. Catches: NaN or infinite weights (with a checksum recomputed over them, so
+    the adapter is self-consistent) installing and segmenting to an empty label with exit 0."""
+    from LymphNodeDGSTLib.engine.store.adapters import write_adapter
+
+    _, adapted, adapter = site_a
+    base = fold0_weights(tiny_model_folder)
+    poisoned = {k: v.clone() for k, v in adapted.items()}
+    poisoned["decoder." + CONV] = poisoned[CONV]
+    poisoned[HEAD].view(-1)[0] = float("nan")
+    poisoned[CONV].view(-1)[1] = float("inf")
+    header = {k: v for k, v in read_adapter(adapter).header.items() if k not in ("tensors", "aliases")}
+    bad = write_adapter(tmp_path / "nan.safetensors", base, poisoned, header)
+    home_b = tmp_path / "site_b"
+    ModelStore(home_b / "models").install(tiny_model_folder, name="lnfm", show_progress=False)
+    before = tree_snapshot(home_b)
+    result = run_cli("models", "install-adapter", str(bad), home=home_b)
+    assert result.returncode == 2 and "NaN or infinite" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and tree_snapshot(home_b) == before

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from LymphNodeDGSTLib.atomic import temporary_sibling
+from LymphNodeDGSTLib.engine.store.adapter_header import header_problem, stored_tensor_problem as _stored_tensor_problem
 from LymphNodeDGSTLib.engine.store.state_dicts import alias_key, weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError
 
@@ -159,17 +160,14 @@ def read_adapter(path: str | os.PathLike) -> SiteAdapter:
                                    f"is not supported (this LymphNodeDGST reads {FORMAT_VERSION})")
     try:
         header = json.loads(metadata["header"])
-        for part, fields in (("parent", ("weights_sha256",)), ("result", ("weights_sha256", "fold",
-                                                                         "configuration"))):
-            for name in fields:
-                if not isinstance(header[part][name], str):
-                    raise TypeError(f"{part}.{name}")
-        for name in ("plans", "dataset_json", "tensors", "aliases"):
-            if not isinstance(header[name], dict):
-                raise TypeError(name)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, RecursionError) as error:
         raise ModelValidationError(f"{path}: the adapter's header is incomplete or corrupted "
                                    f"({_first_line(error)})") from None
+    problem = header_problem(header)
+    if problem is None:
+        problem = _stored_tensor_problem(header, tensors)
+    if problem is not None:
+        raise ModelValidationError(f"{path}: the adapter's header is incomplete or corrupted ({problem})")
     return SiteAdapter(path, header, tensors)
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
+from LymphNodeDGSTLib.engine.store.names import is_fold_name
 from LymphNodeDGSTLib.errors import ModelValidationError
 
-FOLD_PATTERN = re.compile(r"^(\d{1,3}|all)$")
 NEEDED = (("plans", "plans", dict), ("dataset_json", "dataset.json", dict),
           ("configuration", "configuration name", str))
 
@@ -75,6 +75,6 @@ def _init_args(path: Path, checkpoint: dict, single: bool) -> dict:
     fold = init_args.get("fold")
     if fold is None and single:
         fold = 0
-    if fold is None or not FOLD_PATTERN.match(str(fold)):
+    if fold is None or isinstance(fold, bool) or not is_fold_name(str(fold)):
         raise ModelValidationError(f"{path}: the checkpoint's init_args name no usable fold ({fold!r})")
     return {**init_args, "fold": str(fold)}

@@ -31,9 +31,8 @@ from LymphNodeDGSTLib.engine.store.json_files import (BOOLEAN, OBJECT, OPTIONAL_
 from LymphNodeDGSTLib.engine.store.results_folders import (CHECKPOINT_NAME, ResultsFolderInfo, find_checkpoints,
                                                 validate_results_folder)
 from LymphNodeDGSTLib.engine.processes import owner_alive, owner_tag
+from LymphNodeDGSTLib.engine.store.names import NAME_PATTERN, VERSION_PATTERN
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: ASCII only
-VERSION_PATTERN = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes '²' and '١'
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 DOWNLOADS = ".downloads"
 INSTALL_PREFIX, NEW_PREFIX = ".install-", ".new-"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.engine.store.fetch import file_sha256
 from LymphNodeDGSTLib.engine.store.json_files import read_json_object
 from LymphNodeDGSTLib.engine.store.network_support import check_supported_network
+from LymphNodeDGSTLib.engine.store.plan_checks import check_configuration, check_mirroring_axes
 from LymphNodeDGSTLib.engine.store.state_dicts import weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError
 
@@ -63,7 +63,8 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
         raise ModelValidationError(f"{folder}: no fold_*/{CHECKPOINT_NAME} found")
 
     configuration = trainer_name = None
-    weights_of_first = None
+    weights_of_first = network = None
+    parameters = 0
     hashes, weight_hashes = {}, {}
     for fold, path in checkpoints.items():
         checkpoint = load_checkpoint(path, trust=trust)
@@ -85,16 +86,19 @@ def validate_results_folder(folder: str | os.PathLike, trust: bool = False,
             raise ModelValidationError(f"{folder}: folds were trained with different "
                                        f"configurations ({configuration}, {named})")
         configuration = named
-        _check_configuration(folder, plans["configurations"][named], named)
+        check_configuration(folder, plans, named)
+        check_mirroring_axes(path, checkpoint.get("inference_allowed_mirroring_axes"))
         trainer_name = str(checkpoint.get("trainer_name", "nnUNetTrainer"))
         check_supported_network(path, plans, named, trainer_name, checkpoint["network_weights"])
         _check_head(path, checkpoint["network_weights"], labels, dataset_json)
         if weights_of_first is None:
             weights_of_first = checkpoint["network_weights"]
+        if check_network:  # every fold: a second fold of another shape would crash `segment`
+            network = network or _build_network(folder, plans, dataset_json, configuration)
+            parameters = _check_network_matches(path, network, checkpoint["network_weights"])
 
-    parameters = sum(int(v.numel()) for v in weights_of_first.values() if hasattr(v, "numel"))
-    if check_network:
-        parameters = _check_network_matches(folder, plans, dataset_json, configuration, weights_of_first)
+    if not check_network:
+        parameters = sum(int(v.numel()) for v in weights_of_first.values() if hasattr(v, "numel"))
     return ResultsFolderInfo(folder, configuration, list(checkpoints), labels, trainer_name,
                              parameters, hashes, weight_hashes)
 
@@ -136,7 +140,7 @@ def _is_int(value: object) -> bool:
 
 
 def _check_weights(path: Path, weights: object) -> None:
-    """network_weights must map parameter names to tensors (a state_dict)."""
+    """network_weights must map parameter names to finite tensors (a state_dict)."""
     import torch
 
     if not isinstance(weights, dict):
@@ -146,38 +150,12 @@ def _check_weights(path: Path, weights: object) -> None:
         if not isinstance(value, torch.Tensor):
             raise ModelValidationError(f"{path}: network weight '{key}' is not a tensor "
                                        f"(a {type(value).__name__}); the checkpoint is damaged")
-
-
-def _check_configuration(folder: Path, configuration: object, name: str) -> None:
-    """The parts of a plans.json configuration that only inference reads (so a bad one would pass
-    the network check and crash `segment`): patch size and spacing."""
-    where = f"{folder}/plans.json: configuration '{name}'"
-    if not isinstance(configuration, dict):
-        raise ModelValidationError(f"{where} is not a JSON object")
-    patch, spacing = configuration.get("patch_size"), configuration.get("spacing")
-    if not (isinstance(patch, list) and patch and all(_is_int(p) and p >= 1 for p in patch)):
-        raise ModelValidationError(f"{where}: 'patch_size' must be a list of whole numbers >= 1, "
-                                   f"not {patch!r}")
-    if not (isinstance(spacing, list) and len(spacing) == len(patch)
-            and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-                    and s > 0 for s in spacing)):
-        raise ModelValidationError(f"{where}: 'spacing' must be {len(patch)} positive numbers "
-                                   f"(one per patch_size axis), not {spacing!r}")
-    arch = (configuration.get("architecture") or {}).get("arch_kwargs") or {}
-    conv_op = str(arch.get("conv_op", ""))
-    dims = 3 if conv_op.endswith("Conv3d") else 2 if conv_op.endswith("Conv2d") else len(patch)
-    if len(patch) != dims:
-        raise ModelValidationError(f"{where}: 'patch_size' {patch} has {len(patch)} axes but the "
-                                   f"network is {dims}D")
-    strides = arch.get("strides")
-    if isinstance(strides, list) and all(isinstance(s, (list, int)) for s in strides):
-        total = [1] * dims
-        for stage in strides:
-            for axis, step in enumerate(stage if isinstance(stage, list) else [stage] * dims):
-                total[axis] *= step if _is_int(step) and step > 0 else 1
-        if any(p % t for p, t in zip(patch, total)):
-            raise ModelValidationError(f"{where}: 'patch_size' {patch} is not divisible by the "
-                                       f"network's total downsampling {total}")
+    poisoned = [key for key, value in weights.items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if poisoned:  # such a network segments nothing, silently
+        raise ModelValidationError(f"{path}: {len(poisoned)} network weight tensor(s) hold NaN or infinite "
+                                   f"values (e.g. '{poisoned[0]}'); the checkpoint is damaged or its "
+                                   "training diverged")
 
 
 def _check_head(path: Path, weights: dict, labels: dict, dataset_json: dict) -> None:
@@ -204,21 +182,24 @@ def _seg_layer_index(key: str) -> int:
         return -1
 
 
-def _check_network_matches(folder: Path, plans: dict, dataset_json: dict, configuration: str,
-                           weights: dict) -> int:
+def _build_network(folder: Path, plans: dict, dataset_json: dict, configuration: str):
     from LymphNodeDGSTLib.engine.store.architectures import build_network
 
     try:
-        network = build_network(plans, dataset_json, configuration)
+        return build_network(plans, dataset_json, configuration)
     except Exception as error:  # noqa: BLE001 - any failure here means unusable plans
         raise ModelValidationError(
             f"{folder}/plans.json: cannot build the '{configuration}' network ({error})") from None
+
+
+def _check_network_matches(path: Path, network, weights: dict) -> int:
+    """The network's parameter count, once a checkpoint's weights load into it exactly."""
     try:
         network.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0] if str(error) else ""
         detail = [line.strip() for line in str(error).splitlines()[1:3]]
         raise ModelValidationError(
-            f"{folder}: checkpoint does not match the network plans.json describes "
+            f"{path}: checkpoint does not match the network plans.json describes "
             f"({first} {' '.join(detail)[:300]})") from None
     return sum(p.numel() for p in network.parameters())
