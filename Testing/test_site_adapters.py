@@ -4,8 +4,12 @@ site and installed onto the same base at another (found by the sha256 of its wei
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,3 +237,89 @@ def test_adapter_with_non_finite_weights_is_refused(site_a, tmp_path, tiny_model
     result = run_cli("models", "install-adapter", str(bad), home=home_b)
     assert result.returncode == 2 and "NaN or infinite" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and tree_snapshot(home_b) == before
+
+
+def test_export_adapter_never_overwrites_the_store_a_special_file_or_a_file_without_force(site_a, tmp_path):
+    """Issue 26, item 2. Catches: export-adapter writing over the version's own checkpoint (after
+    which `segment` said "checkpoint is corrupt"), its version.json, a FIFO (a reader would block
+    forever) or an existing file without --force."""
+    home_a, _, _ = site_a
+    version_folder = home_a / "models" / "foundation" / "versions" / "2"
+    before = tree_snapshot(home_a)
+    for target, message in ((version_folder / "fold_0" / "checkpoint_final.pth", "inside the model store"),
+                            (version_folder / "version.json", "inside the model store"),
+                            (home_a / "models" / "new.safetensors", "inside the model store")):
+        result = run_cli("models", "export-adapter", "foundation@2", str(target), home=home_a)
+        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert tree_snapshot(home_a) == before
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    result = run_cli("models", "export-adapter", "foundation@2", str(fifo), home=home_a)
+    assert result.returncode == 2 and "not a regular file" in result.stderr
+    existing = tmp_path / "kept.safetensors"
+    existing.write_bytes(b"the user's file")
+    result = run_cli("models", "export-adapter", "foundation@2", str(existing), home=home_a)
+    assert result.returncode == 2 and "--force" in result.stderr and existing.read_bytes() == b"the user's file"
+    run_cli("models", "export-adapter", "foundation@2", str(existing), "--force", home=home_a, check_rc=0)
+    assert read_adapter(existing).header["result"]["version"] == 2
+
+
+def test_exported_adapter_has_the_umask_mode_and_a_long_name_works(site_a, tmp_path):
+    """Issue 26, items 18 and 10. Catches: the 0600 of a temporary file left on the exported adapter
+    (the docs promise the umask), and a temporary name over 255 bytes for a legal 240-byte name."""
+    home_a, _, _ = site_a
+    target = tmp_path / ("a" * 228 + ".safetensors")
+    assert len(target.name) == 240
+    run_cli("models", "export-adapter", "foundation@2", str(target), home=home_a, check_rc=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary left
+
+
+def test_export_adapter_onto_a_full_disk_is_one_line(site_a, tmp_path):
+    """Issue 26, item 10. Catches: safetensors' SafetensorError escaping as a traceback (exit 1)
+    when the disk is full, and a partial file left behind."""
+    home_a, _, _ = site_a
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(full)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        result = run_cli("models", "export-adapter", "foundation@2", str(full / "site.safetensors"), home=home_a)
+        assert result.returncode == 2 and "No space left" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)
+
+
+def test_concurrent_installs_of_one_adapter_publish_it_once(site_a, tmp_path, tiny_model_folder):
+    """Issue 26, item 8. Catches: two install-adapter runs of one file both passing the "already
+    installed" check and publishing identical versions @2 and @3."""
+    _, _, adapter = site_a
+    home_b = tmp_path / "site_b"
+    ModelStore(home_b / "models").install(tiny_model_folder, name="lnfm", show_progress=False)
+    command = [sys.executable, "-m", "LymphNodeDGSTLib", "--home", str(home_b), "models", "install-adapter", str(adapter)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [(run.wait(timeout=300), run.stdout.read(), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _, _ in outcomes) == [0, 2, 2], outcomes
+    assert all("already installed as lnfm@2" in err for code, _, err in outcomes if code == 2)
+    assert [v.version for v in ModelStore(home_b / "models").versions("lnfm")] == [1, 2]
+
+
+def test_a_killed_adapter_install_leaves_nothing_for_long(site_a, tmp_path, tiny_model_folder):
+    """Issue 26, item 12. Catches: a `.adapter-*` staging folder (a full checkpoint) without an owner
+    tag, which no later run could tell from a live one, so it was never cleaned."""
+    from LymphNodeDGSTLib.engine.processes import owner_tag
+
+    _, _, adapter = site_a
+    home_b = tmp_path / "site_b"
+    ModelStore(home_b / "models").install(tiny_model_folder, name="lnfm", show_progress=False)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = home_b / "models" / f".adapter-{owner_tag(int(finished.stdout))}-x1"
+    (dead / "results").mkdir(parents=True)
+    run_cli("models", "install-adapter", str(adapter), home=home_b, check_rc=0)
+    assert not dead.exists()
+    assert not [p for p in (home_b / "models").iterdir() if p.name.startswith(".adapter-")]

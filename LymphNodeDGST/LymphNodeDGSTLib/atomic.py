@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def temporary_prefix(name: str, limit: int = 100) -> str:
+    """A hidden temporary name's start for `name`, short enough that the whole temporary name stays
+    within the 255 bytes a file name may hold (a legal 240-byte name plus a suffix would not)."""
+    while len(os.fsencode(name)) > limit:  # whole characters, never half of one
+        name = name[:-1]
+    return f".{name}."
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, default_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -42,7 +50,7 @@ def temporary_sibling(path: str | os.PathLike, suffix: str = "") -> Iterator[Pat
     The temporary file is removed if the block fails; on success the caller has replaced it.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp" + suffix, dir=path.parent)
     os.chmod(tmp, default_mode())
     os.close(fd)
     try:

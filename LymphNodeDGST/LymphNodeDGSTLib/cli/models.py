@@ -36,6 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "export-adapter", help="write a version as a site adapter (delta over its parent)")
     export_adapter.add_argument("spec", metavar="NAME@VERSION")
     export_adapter.add_argument("file", help="adapter file to write (.safetensors)")
+    export_adapter.add_argument("--force", action="store_true", help="replace an existing file")
     install_adapter = model_commands.add_parser(
         "install-adapter", help="add a site adapter as a new version of the base it was made from")
     install_adapter.add_argument("file")
@@ -82,7 +83,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         print(store.export(args.spec, args.destination))
     elif command == "export-adapter":
         from LymphNodeDGSTLib.engine.store.adapter_store import export_adapter
-        print(export_adapter(store, args.spec, args.file))
+        print(export_adapter(store, args.spec, args.file, force=args.force))
     elif command == "install-adapter":
         from LymphNodeDGSTLib.engine.store.adapter_store import install_adapter
         print(install_adapter(store, args.file, activate=args.activate).ref)

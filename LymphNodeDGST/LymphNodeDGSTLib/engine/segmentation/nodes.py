@@ -37,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial import ConvexHull
 
-from LymphNodeDGSTLib.atomic import default_mode
+from LymphNodeDGSTLib.atomic import default_mode, temporary_prefix
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 ENLARGED_SHORT_AXIS_MM = 10.0
@@ -162,7 +162,7 @@ def write_node_csv(rows: Sequence[NodeRow], path: str | os.PathLike) -> Path:
     ``enlarged`` is ``true``/``false``.
     """
     path = Path(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temporary = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(temporary, default_mode())
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as stream:

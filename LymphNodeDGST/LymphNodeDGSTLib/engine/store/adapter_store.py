@@ -16,17 +16,21 @@ from pathlib import Path
 import torch
 
 from LymphNodeDGSTLib.atomic import staging_folder
+from LymphNodeDGSTLib.engine.file_lock import exclusive_lock
+from LymphNodeDGSTLib.engine.processes import owner_tag
 from LymphNodeDGSTLib.engine.store.adapters import apply_adapter, read_adapter, write_adapter
 from LymphNodeDGSTLib.engine.store.architectures import checkpoint_dict, read_json
 from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
 from LymphNodeDGSTLib.engine.store.fetch import file_sha256
-from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints
-from LymphNodeDGSTLib.engine.store.models import ModelStore, ModelVersion
+from LymphNodeDGSTLib.engine.store.results_folders import find_checkpoints, validate_results_folder
+from LymphNodeDGSTLib.engine.store.models import ModelStore, ModelVersion, remove_stale_staging
 from LymphNodeDGSTLib.engine.store.state_dicts import weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
 
 # What of a version's record travels with its adapter.
 SHARED_RECORD_KEYS = ("method", "gamma", "iterations", "metrics", "created", "device")
+ADAPTER_STAGING, INSTALL_LOCK = ".adapter-", ".install-adapter.lock"
+NAME_MAX = 255  # bytes in one file name on every file system we meet
 
 
 def fold_weights(version: ModelVersion, fold: str) -> dict:
@@ -49,8 +53,8 @@ def parent_fold(parent: ModelVersion, version: ModelVersion, fold: str) -> str:
     raise UserInputError(f"{version.ref}: cannot tell which fold of {parent.ref} it was made from")
 
 
-def export_adapter(store: ModelStore, spec: str, destination: str | os.PathLike) -> Path:
-    """Write version `spec` as a site adapter file over its parent."""
+def export_adapter(store: ModelStore, spec: str, destination: str | os.PathLike, force: bool = False) -> Path:
+    """Write version `spec` as a site adapter file over its parent (an existing file only with `force`)."""
     version = store.resolve(spec)
     parent_number = version.metadata.get("parent")
     if parent_number is None:
@@ -60,12 +64,7 @@ def export_adapter(store: ModelStore, spec: str, destination: str | os.PathLike)
     folds = list(find_checkpoints(version.path))
     if len(folds) != 1:
         raise UserInputError(f"{version.ref} holds {len(folds)} folds; an adapter holds one")
-    destination = Path(destination).expanduser()
-    if destination.is_dir():
-        raise UserInputError(f"adapter destination is a folder: {destination}")
-    if not destination.parent.is_dir() or not os.access(destination.parent, os.W_OK):
-        raise UserInputError(f"adapter destination's folder is missing or not writable: "
-                             f"{destination.parent}")
+    destination = check_adapter_destination(Path(destination).expanduser(), store.root, force)
     fold = folds[0]
     base_fold = parent_fold(parent, version, fold)
     checkpoint = load_checkpoint(find_checkpoints(version.path)[fold],
@@ -81,6 +80,29 @@ def export_adapter(store: ModelStore, spec: str, destination: str | os.PathLike)
         "record": {k: version.metadata[k] for k in SHARED_RECORD_KEYS if k in version.metadata},
     }
     return write_adapter(destination, fold_weights(parent, base_fold), checkpoint["network_weights"], header)
+
+
+def check_adapter_destination(destination: Path, store_root: Path, force: bool) -> Path:
+    """Refuse a destination an export must not write: inside the model store (a version's own
+    checkpoint or version.json), anything but a regular file (a FIFO, a device), an existing file
+    without `force`, a name the file system cannot hold."""
+    if destination.is_dir():
+        raise UserInputError(f"adapter destination is a folder: {destination}")
+    resolved, root = destination.resolve(), Path(store_root).expanduser().resolve()
+    if resolved == root or root in resolved.parents:
+        raise UserInputError(f"adapter destination {destination} lies inside the model store {root}; "
+                             "write the adapter somewhere else")
+    if os.path.lexists(destination):
+        if not destination.is_file():
+            raise UserInputError(f"adapter destination {destination} exists and is not a regular file")
+        if not force:
+            raise UserInputError(f"adapter destination {destination} exists; pass --force to replace it")
+    if len(os.fsencode(destination.name)) > NAME_MAX:
+        raise UserInputError(f"adapter file name is longer than {NAME_MAX} bytes: {destination.name[:40]}...")
+    if not destination.parent.is_dir() or not os.access(destination.parent, os.W_OK):
+        raise UserInputError(f"adapter destination's folder is missing or not writable: "
+                             f"{destination.parent}")
+    return destination
 
 
 def find_base(store: ModelStore, sha256: str, preferred: str | None = None) -> tuple[ModelVersion, str] | None:
@@ -120,9 +142,7 @@ def install_adapter(store: ModelStore, source: str | os.PathLike, activate: bool
             f"{adapter.parent_sha256[:12]}...); install that base model first")
     base, base_fold = found
     result = adapter.header["result"]
-    for version in store.versions(base.name):
-        if result["weights_sha256"] in version_weight_hashes(version).values():
-            raise UserInputError(f"{source}: already installed as {version.ref}")
+    _refuse_installed(store, base, result["weights_sha256"], source)
     weights = apply_adapter(adapter, fold_weights(base, base_fold))
     record = adapter.header.get("record") or {}
     metadata = {**{k: record[k] for k in SHARED_RECORD_KEYS if k in record and k != "created"},
@@ -130,7 +150,18 @@ def install_adapter(store: ModelStore, source: str | os.PathLike, activate: bool
                 "parent_fold": base_fold, "adapter_sha256": file_sha256(source),
                 "adapter_origin": f"{result.get('name')}@{result.get('version')}",
                 "trusted_checkpoint": False}
-    with staging_folder(store.root, ".adapter-") as work:
+    remove_stale_staging(store.root, ADAPTER_STAGING)
+    version = _publish_rebuilt(store, base, adapter, weights, metadata, source)
+    if activate:
+        store.activate(base.name, version.version)
+    return version
+
+
+def _publish_rebuilt(store: ModelStore, base: ModelVersion, adapter, weights: dict, metadata: dict,
+                     source: Path) -> ModelVersion:
+    """The rebuilt weights as a results folder, validated and published as a version of `base`'s model."""
+    result = adapter.header["result"]
+    with staging_folder(store.root, f"{ADAPTER_STAGING}{owner_tag()}-") as work:
         folder = work / "results"
         fold_dir = folder / f"fold_{result['fold']}"
         fold_dir.mkdir(parents=True)
@@ -143,12 +174,19 @@ def install_adapter(store: ModelStore, source: str | os.PathLike, activate: bool
                                      mirroring_axes=tuple(mirroring) if mirroring is not None else None)
         torch.save(checkpoint, fold_dir / "checkpoint_final.pth")
         try:
-            version = store.add_version(base.name, folder, metadata, activate_if_first=False)
+            info = validate_results_folder(folder)
         except ModelValidationError as error:
             raise ModelValidationError(f"{source}: the rebuilt model is not valid ({error})") from None
-    if activate:
-        store.activate(base.name, version.version)
-    return version
+        # one publication at a time: two runs of one file would both pass the "already installed" check
+        with exclusive_lock(store.root / INSTALL_LOCK, what=f"the model store {store.root}"):
+            _refuse_installed(store, base, result["weights_sha256"], source)
+            return store.add_version(base.name, folder, metadata, info=info, activate_if_first=False)
+
+
+def _refuse_installed(store: ModelStore, base: ModelVersion, weights_sha256: str, source: Path) -> None:
+    for version in store.versions(base.name):
+        if weights_sha256 in version_weight_hashes(version).values():
+            raise UserInputError(f"{source}: already installed as {version.ref}")
 
 
 def _as_list(axes) -> list[int] | None:

@@ -19,8 +19,10 @@ corrupted value is refused, never silently installed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -28,7 +30,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from LymphNodeDGSTLib.atomic import temporary_sibling
+from LymphNodeDGSTLib.atomic import default_mode, temporary_sibling
 from LymphNodeDGSTLib.engine.store.adapter_header import header_problem, stored_tensor_problem as _stored_tensor_problem
 from LymphNodeDGSTLib.engine.store.state_dicts import alias_key, weights_sha256
 from LymphNodeDGSTLib.errors import ModelValidationError
@@ -132,10 +134,22 @@ def write_adapter(path: str | os.PathLike, base: Mapping[str, torch.Tensor],
     metadata = {"format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION,
                 "header": json.dumps(header, sort_keys=True)}
     with temporary_sibling(path, ".safetensors") as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+        except Exception as error:  # noqa: BLE001 - safetensors wraps the OS error in its own type
+            raise _write_error(error, path) from None
+        os.chmod(temporary, default_mode())  # safetensors creates its file 0600
         apply_adapter(read_adapter(temporary), base)  # refuses anything that would not rebuild
         os.replace(temporary, path)
     return path
+
+
+def _write_error(error: Exception, path: Path) -> OSError:
+    """The OS error inside a safetensors write failure (`... (os error 28)`), naming the adapter
+    being written, so that a full disk is one line and exit 2 like every other write."""
+    code = re.search(r"os error (\d+)|code: (\d+)", str(error))
+    number = int(code.group(1) or code.group(2)) if code else errno.EIO
+    return OSError(number, os.strerror(number), str(path))
 
 
 def read_adapter(path: str | os.PathLike) -> SiteAdapter:

@@ -370,8 +370,11 @@ class ModelStore:
             raise UserInputError(f"export destination's folder does not exist: {parent}")
         if not os.access(parent, os.W_OK):
             raise UserInputError(f"export destination's folder is not writable: {parent}")
-        with staging_folder(parent, f".{destination.name}.export-") as staged:
-            copy_results_folder(version.path, staged)
+        with staging_folder(parent, f".{destination.name[:100]}.export-") as staged:
+            try:
+                copy_results_folder(version.path, staged)
+            except OSError as error:  # a full disk is the destination's, not the source file's
+                raise OSError(error.errno, error.strerror, str(destination)) from None
             if destination.exists():
                 destination.rmdir()
             os.rename(staged, destination)
