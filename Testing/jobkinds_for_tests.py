@@ -11,7 +11,7 @@ from pathlib import Path
 
 from LymphNodeDGSTLib.atomic import write_text_atomic
 from LymphNodeDGSTLib.errors import OutOfMemory, UserInputError
-from LymphNodeDGSTLib.jobs.manager import Reporter
+from LymphNodeDGSTLib.jobs.events import Reporter
 
 
 def count(params: dict, reporter: Reporter) -> dict:

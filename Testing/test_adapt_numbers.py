@@ -19,7 +19,7 @@ from LymphNodeDGSTLib.engine.store import architectures
 from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.jobs.manager import Reporter
+from LymphNodeDGSTLib.jobs.events import Reporter
 
 BAD_NUMBERS = {
     "lr nan": (["--lr", "nan"], "--lr must be a finite number"),

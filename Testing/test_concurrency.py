@@ -18,9 +18,9 @@ from conftest import make_ct
 import LymphNodeDGSTLib
 from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.engine.processes import process_start_time
-from LymphNodeDGSTLib.jobs import manager as jobs
-from LymphNodeDGSTLib.jobs.manager import (JobManager, acquire_device_lock, device_lock_path,
-                                           read_device_lock, release_device_lock)
+from LymphNodeDGSTLib.jobs import device_lock
+from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.jobs.device_lock import (acquire_device_lock, device_lock_path, read_device_lock, release_device_lock)
 
 TESTING = Path(__file__).resolve().parent
 RACERS = 4
@@ -143,7 +143,7 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
         # The real owner (same pid, same start time) keeps it.
         _lock(root, impostor.pid, job, pid_start=started)
         assert read_device_lock(root, "cuda:0").job == job
-        with pytest.raises(jobs.DeviceBusy):
+        with pytest.raises(device_lock.DeviceBusy):
             acquire_device_lock(root, "cuda:0", "20200101-000000-0003", "adapt")
     finally:
         impostor.kill()

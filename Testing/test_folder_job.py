@@ -12,7 +12,8 @@ from conftest import make_ct, tree_snapshot
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.jobs import cohort_job
-from LymphNodeDGSTLib.jobs.manager import JobManager, Reporter
+from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.jobs.events import Reporter
 from LymphNodeDGSTLib.slicer_bridge.folder_segmentation import (folder_job_params, folder_result_text,
                                                                 submit_folder_segmentation)
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest import wait_for
-from LymphNodeDGSTLib.jobs import manager as jobs
+from LymphNodeDGSTLib.jobs import process_tree
 from LymphNodeDGSTLib.jobs.manager import JobManager
 
 TESTING = Path(__file__).resolve().parent
@@ -63,9 +63,9 @@ def test_force_kill_ends_launcher_worker_and_grandchild(tmp_path, launcher):
                           python=launcher, env=TEST_ENV)
     progress = wait_for(lambda: manager.get(info.id).last_progress, 30, "the worker's child")
     worker_pid = manager.get(info.id).pid
-    processes = jobs.job_processes(worker_pid, info.id)
+    processes = process_tree.job_processes(worker_pid, info.id)
     launcher_pid = processes[0].pid
-    assert launcher_pid != worker_pid and launcher_pid in jobs._CHILDREN  # launched: the launcher
+    assert launcher_pid != worker_pid and launcher_pid in process_tree._CHILDREN  # launched: the launcher
     assert {worker_pid, progress["child"]} <= {p.pid for p in processes}
 
     cancelled = manager.cancel(info.id, timeout=1)
@@ -96,11 +96,11 @@ def test_cancelled_adaptation_under_a_launcher_leaves_no_process(installed_home,
         assert info.state == "running", info.error
         if not (info.last_progress and info.last_progress.get("stage") == "train"):
             return None
-        processes = jobs.job_processes(info.pid, job.id)
+        processes = process_tree.job_processes(info.pid, job.id)
         return processes if len(processes) >= 3 else None  # launcher, worker, >= 1 loader
 
     processes = wait_for(training_with_children, 180, "training with data-loader processes")
     launcher_pid = processes[0].pid
-    assert launcher_pid in jobs._CHILDREN
+    assert launcher_pid in process_tree._CHILDREN
     assert manager.cancel(job.id, timeout=20).state == "cancelled"
     assert_tree_ended_and_launcher_reaped(processes, launcher_pid)

@@ -18,11 +18,14 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_ct, run_cli, wait_for
+from LymphNodeDGSTLib.jobs import device_lock, process_tree
+from LymphNodeDGSTLib.jobs import events as job_events
 from LymphNodeDGSTLib.jobs import manager as jobs, segment_job
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
-from LymphNodeDGSTLib.jobs.manager import (DeviceBusy, JobManager, Reporter, acquire_device_lock,
-                                   device_lock_path, read_device_lock, read_events,
-                                   worker_environment)
+from LymphNodeDGSTLib.jobs.device_lock import (DeviceBusy, acquire_device_lock, device_lock_path, read_device_lock)
+from LymphNodeDGSTLib.jobs.manager import JobManager
+from LymphNodeDGSTLib.jobs.events import Reporter, read_events
+from LymphNodeDGSTLib.jobs.process_tree import worker_environment
 from LymphNodeDGSTLib.jobs.follow import follow_job
 
 TESTING = Path(__file__).resolve().parent
@@ -35,7 +38,7 @@ def manager(tmp_path) -> JobManager:
     return JobManager(tmp_path / "jobs")
 
 
-def submit(manager: JobManager, name: str, params: dict | None = None, **options) -> jobs.JobInfo:
+def submit(manager: JobManager, name: str, params: dict | None = None, **options) -> job_events.JobInfo:
     return manager.submit(f"jobkinds_for_tests:{name}", params or {}, env=TEST_ENV, **options)
 
 
@@ -56,7 +59,7 @@ def test_job_runs_to_done_with_ordered_events_files_and_a_progress_bar(manager, 
     output.parent.mkdir()
     info = submit(manager, "count", {"steps": 10, "interval": 0.05, "output": str(output)})
     assert info.state == "running" and info.kind == "jobkinds_for_tests:count"
-    assert jobs.JOB_ID_PATTERN.match(info.id)
+    assert job_events.JOB_ID_PATTERN.match(info.id)
     assert (info.folder / "job.json").is_file() and (info.folder / "worker.pid").is_file()
 
     shown = io.StringIO()
@@ -70,7 +73,7 @@ def test_job_runs_to_done_with_ordered_events_files_and_a_progress_bar(manager, 
     assert {"id", "kind", "created", "device", "params"} <= set(spec)
     assert spec["id"] == info.id and spec["device"] == "cpu" and spec["params"]["steps"] == 10
     assert int((info.folder / "worker.pid").read_text()) == final.pid
-    wait_for(lambda: not jobs.pid_alive(final.pid), timeout=5, what="the worker to exit")
+    wait_for(lambda: not process_tree.pid_alive(final.pid), timeout=5, what="the worker to exit")
 
     events = all_events(manager, info.id)
     assert events[0]["type"] == "log" and events[-1]["type"] == "done"
@@ -104,7 +107,7 @@ def test_reporter_computes_eta_from_iterations_and_throttles(tmp_path):
     now[0] += 1.5
     reporter.progress(10, 10, stage="train")  # the last is always written
     reporter.progress(0, 3, stage="validate")  # a new stage is always written
-    events, _ = read_events(tmp_path / jobs.EVENTS_FILE)
+    events, _ = read_events(tmp_path / job_events.EVENTS_FILE)
     assert [(e["stage"], e["done"]) for e in events] == [
         ("train", 0), ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("train", 10),
         ("validate", 0)]
@@ -114,7 +117,7 @@ def test_reporter_computes_eta_from_iterations_and_throttles(tmp_path):
 
 def test_events_are_read_incrementally_and_a_partial_line_waits(tmp_path):
     path = tmp_path / "events.ndjson"
-    writer = jobs.EventWriter(path)
+    writer = job_events.EventWriter(path)
     writer.write("log", message="one")
     writer.write("metric", name="dice", value=np.float32(0.5), epoch=np.int64(1))
     first, offset = read_events(path)
@@ -151,7 +154,7 @@ def test_cancel_stops_a_running_job_quickly_and_publishes_nothing(manager, tmp_p
     cancelled = manager.cancel(info.id, timeout=10)
     assert time.monotonic() - started < 3
     assert cancelled.state == "cancelled" and cancelled.error == "cancelled on request"
-    assert not jobs.pid_alive(info.pid)
+    assert not process_tree.pid_alive(info.pid)
     assert not output.exists() and list(tmp_path.glob(".never.txt*")) == []
     terminal = [e for e in all_events(manager, info.id) if e["type"] in ("done", "error")]
     assert terminal == [terminal[0]] and terminal[0]["cancelled"] is True
@@ -166,7 +169,7 @@ def test_cancel_kills_a_worker_that_does_not_listen(manager):
     cancelled = manager.cancel(info.id, timeout=1)
     assert time.monotonic() - started < 4
     assert cancelled.state == "cancelled" and "killed after 1 s" in cancelled.error
-    assert not jobs.pid_alive(info.pid)
+    assert not process_tree.pid_alive(info.pid)
 
 
 def test_sigkilled_worker_is_failed_its_lock_recovered_its_output_absent(manager, tmp_path):
@@ -202,8 +205,8 @@ def test_exclusive_jobs_one_per_device(manager, tmp_path):
         f"a 'jobkinds_for_tests:count' job is already running on cpu (job {first.id}); wait for "
         f"it or cancel it with 'lndgst jobs cancel {first.id}'")
     holder = read_device_lock(manager.root, "cpu")
-    assert "an adaptation is already running on cpu" in jobs.busy_message(
-        jobs.DeviceLock(holder.path, "cpu", holder.pid, holder.job, "adapt"))
+    assert "an adaptation is already running on cpu" in device_lock.busy_message(
+        device_lock.DeviceLock(holder.path, "cpu", holder.pid, holder.job, "adapt"))
     from LymphNodeDGSTLib.engine.segmentation.devices import choose_device
     if choose_device("auto").type == "cpu":  # then "auto" shares the cpu's lock
         with pytest.raises(DeviceBusy):
@@ -250,7 +253,7 @@ def test_stale_locks_are_recovered(manager, tmp_path):
     os.utime(lock, (time.time() - 60, time.time() - 60))
     taken = acquire_device_lock(manager.root, "cuda", "20200101-000000-aaaa", "adapt")
     assert taken.pid == os.getpid() and read_device_lock(manager.root, "cuda").job == taken.job
-    jobs.release_device_lock(taken)
+    device_lock.release_device_lock(taken)
     assert not lock.exists()
 
     if Path("/proc/self/cmdline").exists():
@@ -259,7 +262,7 @@ def test_stale_locks_are_recovered(manager, tmp_path):
                                     "kind": "adapt", "device": "cuda"}))
         taken = acquire_device_lock(manager.root, "cuda", "20200101-000000-cccc", "adapt")
         assert taken.job == "20200101-000000-cccc"
-        jobs.release_device_lock(taken)
+        device_lock.release_device_lock(taken)
 
 
 # --------------------------------------------------------------------------- failures
@@ -272,7 +275,7 @@ def test_failing_kinds_end_failed_with_their_message(manager):
                                         "'lndgst cases add'")
     crash = ended["crash"]
     assert crash.error.startswith("ZeroDivisionError: division by zero in step 2 (traceback in")
-    log = (crash.folder / jobs.LOG_FILE).read_text()
+    log = (crash.folder / job_events.LOG_FILE).read_text()
     assert "Traceback" in log and "jobkinds_for_tests.py" in log
     assert crash.last_progress["done"] == 1
     assert "--device cpu" in ended["out_of_memory"].error
@@ -295,7 +298,7 @@ def test_worker_runs_with_an_explicit_python_and_a_clean_environment(manager, mo
         done = manager.wait(info.id, poll=0.05, timeout=30)
         assert done.state == "done", (name, done.error)
         paths = done.result["PYTHONPATH"].split(os.pathsep)
-        assert paths[:2] == [str(jobs.PACKAGE_PARENT), str(TESTING)]
+        assert paths[:2] == [str(process_tree.PACKAGE_PARENT), str(TESTING)]
         assert done.result["nnUNet_n_proc_DA"] == "0" and int(done.result["nnUNet_def_n_proc"]) >= 1
     # A bare interpreter finds the package only through the PYTHONPATH the manager gives it.
     assert not bare_sees_package or bare == Path(sys.executable)

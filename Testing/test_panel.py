@@ -345,7 +345,7 @@ def test_background_segmentation_with_the_tiny_model(installed_home):
 
 
 def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folder, tmp_path):
-    from LymphNodeDGSTLib.jobs.manager import Reporter, read_events
+    from LymphNodeDGSTLib.jobs.events import Reporter, read_events
     from LymphNodeDGSTLib.engine.store.models import ModelStore
 
     home = Home(home)
@@ -668,7 +668,7 @@ def test_model_section_exports_and_installs_site_adapters_and_fold_checkpoints(i
     from LymphNodeDGSTLib.engine.store.architectures import write_results_folder
     from LymphNodeDGSTLib.engine.store.checkpoints import load_checkpoint
     from LymphNodeDGSTLib.engine.store.models import ModelStore
-    from LymphNodeDGSTLib.jobs.manager import Reporter
+    from LymphNodeDGSTLib.jobs.events import Reporter
     from test_checkpoint_install import nnunet_checkpoint
 
     home = Home(installed_home)

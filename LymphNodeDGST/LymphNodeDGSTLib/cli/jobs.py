@@ -9,7 +9,8 @@ from typing import IO
 
 from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.jobs.manager import EVENTS_FILE, JobInfo, JobManager
+from LymphNodeDGSTLib.jobs.events import EVENTS_FILE, JobInfo
+from LymphNodeDGSTLib.jobs.manager import JobManager
 from LymphNodeDGSTLib.jobs.follow import clock
 
 COMMAND = "jobs"

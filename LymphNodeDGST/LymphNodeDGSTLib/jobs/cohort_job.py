@@ -19,7 +19,7 @@ from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.engine.cohort.parts import parse_part
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
-from LymphNodeDGSTLib.jobs.manager import Reporter
+from LymphNodeDGSTLib.jobs.events import Reporter
 
 STAGE = "cases"
 

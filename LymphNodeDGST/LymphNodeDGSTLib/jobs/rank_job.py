@@ -18,7 +18,7 @@ from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
-from LymphNodeDGSTLib.jobs.manager import Reporter
+from LymphNodeDGSTLib.jobs.events import Reporter
 
 
 def run(params: dict, reporter: Reporter) -> dict:

@@ -18,7 +18,7 @@ from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
 from LymphNodeDGSTLib.engine.images.files import check_output_path, read_image, write_image_atomic
 from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
-from LymphNodeDGSTLib.jobs.manager import Reporter
+from LymphNodeDGSTLib.jobs.events import Reporter
 from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.engine.segmentation.nodes import node_report, write_node_csv
 

@@ -21,9 +21,8 @@ from typing import Any, Callable
 from LymphNodeDGSTLib.atomic import write_text_atomic
 from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError, WriteFailed
 from LymphNodeDGSTLib.jobs.kinds import JOB_KINDS, check_kind_name
-from LymphNodeDGSTLib.jobs.manager import (JOB_FILE, LOG_FILE, PID_FILE, DeviceLock,
-                                           Reporter, acquire_device_lock, job_events_writer,
-                                           release_device_lock)
+from LymphNodeDGSTLib.jobs.events import JOB_FILE, LOG_FILE, PID_FILE, Reporter, job_events_writer
+from LymphNodeDGSTLib.jobs.device_lock import DeviceLock, acquire_device_lock, release_device_lock
 
 JobFunction = Callable[[dict, Reporter], dict]
 

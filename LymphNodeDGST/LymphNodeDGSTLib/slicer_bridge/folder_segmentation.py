@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
+from LymphNodeDGSTLib.jobs.events import JobInfo
+from LymphNodeDGSTLib.jobs.manager import JobManager
 
 FOLDER_JOB_KIND = "segment_folder"
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
-from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
+from LymphNodeDGSTLib.jobs.events import JobInfo
+from LymphNodeDGSTLib.jobs.manager import JobManager
 from LymphNodeDGSTLib.slicer_bridge.panel import (case_rows, import_segmentation_result, model_rows,
                                                    new_segmentation_files, save_case_from_segmentation,
                                                    segment_editor_node, segment_in_process,

@@ -27,7 +27,8 @@ from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_
 from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES  # noqa: F401  (re-exported for the GUI)
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home, resolve_home
-from LymphNodeDGSTLib.jobs.manager import JobInfo, JobManager
+from LymphNodeDGSTLib.jobs.events import JobInfo
+from LymphNodeDGSTLib.jobs.manager import JobManager
 from LymphNodeDGSTLib.slicer_bridge.folder_segmentation import (  # noqa: F401  (for the GUI)
     folder_result_text, submit_folder_segmentation)
 

@@ -10,7 +10,6 @@ when they agree on plans, dataset.json and configuration.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import zipfile
 from pathlib import Path
