@@ -1,7 +1,7 @@
 """LymphNodeDGST: the 3D Slicer module. Glue only: Qt widgets <-> LymphNodeDGSTLib.
 
 Long work runs in background jobs (LymphNodeDGSTLib.jobs.manager) followed by a QTimer; the panel's state
-machine and everything it shows come from LymphNodeDGSTLib.slicer_bridge.panel, which is tested without Slicer.
+machine and everything it shows come from LymphNodeDGSTLib.slicer_bridge (one module per panel section), which is tested without Slicer.
 Core modules that need torch or nnU-Net are imported only once the packages are installed.
 """
 
@@ -25,15 +25,18 @@ from slicer.util import VTKObservationMixin
 from LymphNodeDGSTLib.slicer_bridge import dependencies
 from LymphNodeDGSTLib.slicer_bridge.editor import EmbeddedSegmentEditor
 from LymphNodeDGSTLib.slicer_bridge.reporting import reported
-from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.slicer_bridge.module_logic import ModuleLogic
-from LymphNodeDGSTLib.slicer_bridge.panel import (
-    ADAPT_DEFAULT_METHOD, ADAPT_METHODS, BACKEND_CHOICES, CASE_COLUMNS, DEVICE_CHOICES, INSTALL_JOB_KIND,
-    MODEL_COLUMNS, NODE_TABLE_COLUMNS, POLL_INTERVAL_MS, JobFollower, PanelStateMachine, adapt_blocker,
-    adapt_request, adaptation_outcome, device_text, export_adapter_for_row, failure_text,
-    folder_result_text, home_from_setting, install_job_params, node_centroid_world, node_table_cells,
-    running_job, segment_blocker, selected_model_name, submit_folder_segmentation, worker_python,
-    write_curve_png)
+from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_METHOD
+from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS
+from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES
+from LymphNodeDGSTLib.slicer_bridge.environment import home_from_setting, worker_python
+from LymphNodeDGSTLib.slicer_bridge.folder_segmentation import folder_result_text, submit_folder_segmentation
+from LymphNodeDGSTLib.slicer_bridge.cases_section import CASE_COLUMNS
+from LymphNodeDGSTLib.slicer_bridge.segment_section import (DEVICE_CHOICES, NODE_TABLE_COLUMNS, node_centroid_world, node_table_cells)
+from LymphNodeDGSTLib.slicer_bridge.model_section import (INSTALL_JOB_KIND, MODEL_COLUMNS, device_text, export_adapter_for_row, install_job_params, selected_model_name)
+from LymphNodeDGSTLib.slicer_bridge.job_following import (POLL_INTERVAL_MS, JobFollower, failure_text, running_job, write_curve_png)
+from LymphNodeDGSTLib.slicer_bridge.panel_state import PanelStateMachine, adapt_blocker, segment_blocker
+from LymphNodeDGSTLib.slicer_bridge.adapt_section import adapt_request, adaptation_outcome
 from LymphNodeDGSTLib.slicer_bridge.ranking_panel import (RANK_BUTTONS, RANK_JOB_KIND, doubtful_point_ras,
     library_hashes, loaded_volumes_to_rank, rank_rows, start_rank_job)  # noqa: E128
 

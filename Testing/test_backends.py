@@ -208,8 +208,8 @@ def test_panel_passes_the_backend_to_the_segment_job(home):
     """The panel's choice reaches the job's parameters; an unknown one is refused."""
     from LymphNodeDGSTLib.errors import UserInputError
     from LymphNodeDGSTLib.home import Home
-    from LymphNodeDGSTLib.slicer_bridge.panel import (BACKEND_CHOICES, SegmentationFiles,
-                                                      segment_job_params)
+    from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES
+    from LymphNodeDGSTLib.slicer_bridge.segment_section import SegmentationFiles, segment_job_params
 
     files = SegmentationFiles(home / "scratch")
     params = segment_job_params(files, Home(home), backend="onnxruntime")

@@ -81,7 +81,7 @@ def test_cancelled_adaptation_under_a_launcher_leaves_no_process(installed_home,
     from test_adapt import blob_case
     from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
     from LymphNodeDGSTLib.home import Home
-    from LymphNodeDGSTLib.slicer_bridge.panel import adapt_request, submit_adaptation
+    from LymphNodeDGSTLib.slicer_bridge.adapt_section import adapt_request, submit_adaptation
 
     library = CaseLibrary(installed_home / "cases")
     for seed in range(4):

@@ -1,4 +1,4 @@
-"""The Slicer panel's logic without Qt (LymphNodeDGSTLib.slicer_bridge.panel) and the first-use dependency plan
+"""The Slicer panel's logic without Qt (LymphNodeDGSTLib.slicer_bridge: state, job following, sections) and the first-use dependency plan
 (LymphNodeDGSTLib.slicer_bridge.dependencies): state machine, job following with real worker processes, tables,
 training cases, background segmentation and installs, and the scene side with slicer-core."""
 
@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, make_ct
-from LymphNodeDGSTLib.slicer_bridge import dependencies, panel
+from LymphNodeDGSTLib.slicer_bridge import (adapt_section, cases_section, dependencies, environment, job_following, model_section, panel_state, segment_section)
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.jobs.manager import JobManager
-from LymphNodeDGSTLib.slicer_bridge.panel import PanelState
+from LymphNodeDGSTLib.slicer_bridge.panel_state import PanelState
 
 # Workers import this file for the fake_training job kind: torch-importing core modules
 # (models, cases' callers) are imported inside the tests to keep those workers quick.
@@ -48,7 +48,7 @@ def fake_training(params: dict, reporter) -> dict:
     return {"trained": total}
 
 
-def follow_to_end(follower: panel.JobFollower, timeout: float = 120.0, poll: float = 0.05):
+def follow_to_end(follower: job_following.JobFollower, timeout: float = 120.0, poll: float = 0.05):
     """Poll like the widget's QTimer until the job ends: (all events, every summary seen)."""
     events, summaries = [], []
     deadline = time.monotonic() + timeout
@@ -71,19 +71,19 @@ def manager(tmp_path) -> JobManager:
 @pytest.mark.parametrize("start", list(S))
 @pytest.mark.parametrize("target", list(S))
 def test_only_the_allowed_transitions_happen(start, target):
-    machine = panel.PanelStateMachine()
+    machine = panel_state.PanelStateMachine()
     machine.state = start
-    if target in panel.ALLOWED_TRANSITIONS[start]:
+    if target in panel_state.ALLOWED_TRANSITIONS[start]:
         machine._go(target)
         assert machine.state is target
     else:
-        with pytest.raises(panel.InvalidTransition):
+        with pytest.raises(panel_state.InvalidTransition):
             machine._go(target)
         assert machine.state is start
 
 
 def test_apply_turns_into_cancel_then_cancelling_then_back():
-    machine = panel.PanelStateMachine()
+    machine = panel_state.PanelStateMachine()
     idle = machine.controls()
     assert (idle.apply_text, idle.apply_enabled, idle.adapt_text, idle.adapt_enabled) == (
         "Apply", True, "Adapt to my site", True)
@@ -97,7 +97,7 @@ def test_apply_turns_into_cancel_then_cancelling_then_back():
     assert not running.inputs_enabled and not running.model_actions_enabled
     assert running.segment_progress_visible and not running.adapt_progress_visible
     assert running.apply_tooltip == "Stop the segmentation"
-    with pytest.raises(panel.InvalidTransition):
+    with pytest.raises(panel_state.InvalidTransition):
         machine.start("adapt")  # one job at a time
 
     machine.cancel()
@@ -105,7 +105,7 @@ def test_apply_turns_into_cancel_then_cancelling_then_back():
     cancelling = machine.controls()
     assert (cancelling.apply_text, cancelling.apply_enabled) == ("Cancelling...", False)
     assert cancelling.segment_progress_visible and not cancelling.adapt_enabled
-    with pytest.raises(panel.InvalidTransition):
+    with pytest.raises(panel_state.InvalidTransition):
         machine.cancel()
 
     machine.finish()
@@ -113,7 +113,7 @@ def test_apply_turns_into_cancel_then_cancelling_then_back():
 
 
 def test_adapt_and_install_buttons_turn_into_cancel_too():
-    machine = panel.PanelStateMachine()
+    machine = panel_state.PanelStateMachine()
     machine.start("adapt")
     controls = machine.controls()
     assert (controls.adapt_text, controls.adapt_enabled) == ("Cancel", True)
@@ -127,17 +127,17 @@ def test_adapt_and_install_buttons_turn_into_cancel_too():
     machine.cancel()
     assert machine.controls().install_text == "Cancelling..."
     with pytest.raises(ValueError):
-        panel.PanelStateMachine().start("train")
+        panel_state.PanelStateMachine().start("train")
 
 
 def test_blockers_disable_the_buttons_and_say_why():
-    assert panel.segment_blocker(has_input=True, has_model=True) is None
-    assert "install one" in panel.segment_blocker(has_input=True, has_model=False)
-    assert "Select the CT" in panel.segment_blocker(has_input=False, has_model=True)
-    assert panel.adapt_blocker(has_model=True, case_count=1) is None
-    assert "case library is empty" in panel.adapt_blocker(has_model=True, case_count=0)
-    controls = panel.PanelStateMachine().controls(
-        panel.segment_blocker(False, True), panel.adapt_blocker(True, 0))
+    assert panel_state.segment_blocker(has_input=True, has_model=True) is None
+    assert "install one" in panel_state.segment_blocker(has_input=True, has_model=False)
+    assert "Select the CT" in panel_state.segment_blocker(has_input=False, has_model=True)
+    assert panel_state.adapt_blocker(has_model=True, case_count=1) is None
+    assert "case library is empty" in panel_state.adapt_blocker(has_model=True, case_count=0)
+    controls = panel_state.PanelStateMachine().controls(
+        panel_state.segment_blocker(False, True), panel_state.adapt_blocker(True, 0))
     assert not controls.apply_enabled and controls.apply_tooltip == "Select the CT volume to segment."
     assert not controls.adapt_enabled and "case library is empty" in controls.adapt_tooltip
     assert controls.install_enabled  # installing a model is what unblocks the others
@@ -146,7 +146,7 @@ def test_blockers_disable_the_buttons_and_say_why():
 # --------------------------------------------------------------------------- following jobs
 def test_follower_gives_progress_eta_loss_and_the_live_curve(manager):
     job = manager.submit("test_panel:fake_training", {"epochs": 3, "per_epoch": 4}, env=TEST_ENV)
-    follower = panel.JobFollower(manager, job.id)
+    follower = job_following.JobFollower(manager, job.id)
     events, summaries = follow_to_end(follower)
 
     assert events == manager.events(job.id)[0]  # each event delivered once, none lost
@@ -169,7 +169,7 @@ def test_follower_gives_progress_eta_loss_and_the_live_curve(manager):
 
 def test_cancel_returns_at_once_and_the_poll_sees_the_job_cancelled(manager):
     job = manager.submit("jobkinds_for_tests:count", {"steps": 400, "interval": 0.05}, env=TEST_ENV)
-    follower = panel.JobFollower(manager, job.id)
+    follower = job_following.JobFollower(manager, job.id)
     deadline = time.monotonic() + 15
     while not (follower.poll()[1].done or 0) >= 2:
         assert time.monotonic() < deadline
@@ -184,18 +184,18 @@ def test_cancel_returns_at_once_and_the_poll_sees_the_job_cancelled(manager):
 
 
 def test_failures_out_of_memory_and_a_vanished_job(manager):
-    crashed = panel.JobFollower(manager, manager.submit("jobkinds_for_tests:crash", {}, env=TEST_ENV).id)
+    crashed = job_following.JobFollower(manager, manager.submit("jobkinds_for_tests:crash", {}, env=TEST_ENV).id)
     summary = follow_to_end(crashed)[1][-1]
     assert summary.state == "failed" and "ZeroDivisionError" in summary.error
     assert summary.status_text().startswith("Failed: ZeroDivisionError")
-    assert panel.failure_text("segment", summary).startswith("The segmentation failed: ZeroDivision")
+    assert job_following.failure_text("segment", summary).startswith("The segmentation failed: ZeroDivision")
     assert not summary.out_of_memory
 
-    oom = panel.JobFollower(manager, manager.submit("jobkinds_for_tests:out_of_memory", {},
+    oom = job_following.JobFollower(manager, manager.submit("jobkinds_for_tests:out_of_memory", {},
                                                     env=TEST_ENV).id)
     summary = follow_to_end(oom)[1][-1]
     assert summary.state == "failed" and summary.out_of_memory
-    assert "fewer iterations or the CPU" in panel.failure_text("adapt", summary)
+    assert "fewer iterations or the CPU" in job_following.failure_text("adapt", summary)
 
     import shutil
     shutil.rmtree(oom.manager.root / oom.job_id)
@@ -205,12 +205,12 @@ def test_failures_out_of_memory_and_a_vanished_job(manager):
 
 def test_running_job_finds_a_job_started_earlier(manager):
     kind = "jobkinds_for_tests:count"
-    assert panel.running_job(manager, (kind,)) is None
+    assert job_following.running_job(manager, (kind,)) is None
     job = manager.submit(kind, {"steps": 400, "interval": 0.05}, env=TEST_ENV)
-    assert panel.running_job(manager, (kind,)).id == job.id
-    assert panel.running_job(manager, ("adapt",)) is None
+    assert job_following.running_job(manager, (kind,)).id == job.id
+    assert job_following.running_job(manager, ("adapt",)) is None
     manager.cancel(job.id)
-    assert panel.running_job(manager, (kind,)) is None
+    assert job_following.running_job(manager, (kind,)) is None
 
 
 @pytest.mark.parametrize("seconds, text", [
@@ -218,18 +218,18 @@ def test_running_job_finds_a_job_started_earlier(manager):
     (60, "about 1 min left"), (185, "about 3 min left"), (3599, "about 1 h 00 min left"),
     (3900, "about 1 h 05 min left")])
 def test_eta_text(seconds, text):
-    assert panel.format_eta(seconds) == text
+    assert job_following.format_eta(seconds) == text
 
 
 def test_live_curve_png_has_the_asked_size(tmp_path):
     from PIL import Image
 
-    path = panel.write_curve_png([(1, 0.9, None), (2, 0.7, 0.4), (3, None, 0.5)], tmp_path / "c" / "curve.png")
+    path = job_following.write_curve_png([(1, 0.9, None), (2, 0.7, 0.4), (3, None, 0.5)], tmp_path / "c" / "curve.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (360, 180)
         colours = np.asarray(image.convert("RGB")).reshape(-1, 3)
         assert len(np.unique(colours, axis=0)) > 10  # something was drawn
-    with Image.open(panel.write_curve_png([], tmp_path / "empty.png", 200, 100)) as image:
+    with Image.open(job_following.write_curve_png([], tmp_path / "empty.png", 200, 100)) as image:
         assert image.size == (200, 100)
 
 
@@ -242,26 +242,26 @@ def test_model_rows_mark_the_active_version_and_show_adapted_ones(installed_home
         "kind": "adapted", "parent": 1, "method": "dgst",
         "metrics": {"dice_before": 0.5, "dice_after": 0.6125, "evaluation_is_held_out": True}},
         activate_if_first=False)
-    rows = panel.model_rows(store)
+    rows = model_section.model_rows(store)
     assert [(r.ref, r.active, r.parent, r.method, r.dice) for r in rows] == [
         ("tiny@1", True, "", "", ""), ("tiny@2", False, "@1", "dgst", "0.500 -> 0.613")]
     assert rows[0].cells()[:2] == ["*", "tiny@1"] and rows[1].cells()[0] == ""
-    assert len(rows[0].cells()) == len(panel.MODEL_COLUMNS)
+    assert len(rows[0].cells()) == len(model_section.MODEL_COLUMNS)
     assert len(rows[1].cells()[5]) == 16  # "YYYY-MM-DD HH:MM"
     store.activate("tiny", 2)
-    assert [r.active for r in panel.model_rows(store)] == [False, True]
-    assert panel.dice_text({"dice_before": 0.5, "dice_after": 0.4, "evaluation_is_held_out": False}) \
+    assert [r.active for r in model_section.model_rows(store)] == [False, True]
+    assert model_section.dice_text({"dice_before": 0.5, "dice_after": 0.4, "evaluation_is_held_out": False}) \
         == "0.500 -> 0.400 (training cases)"
 
-    assert panel.selected_model_name(rows, None) == "tiny"
-    assert panel.selected_model_name(rows, 1) == "tiny"
+    assert model_section.selected_model_name(rows, None) == "tiny"
+    assert model_section.selected_model_name(rows, 1) == "tiny"
     store.install(tiny_model_folder, name="other", show_progress=False)
-    rows = panel.model_rows(store)
+    rows = model_section.model_rows(store)
     with pytest.raises(UserInputError, match="Several models"):
-        panel.selected_model_name(rows, None)
-    assert panel.selected_model_name(rows, 0) == "other"
+        model_section.selected_model_name(rows, None)
+    assert model_section.selected_model_name(rows, 0) == "other"
     with pytest.raises(UserInputError, match="No model installed"):
-        panel.selected_model_name([], None)
+        model_section.selected_model_name([], None)
 
 
 def test_training_case_from_a_mask_and_its_row(tmp_path):
@@ -271,23 +271,23 @@ def test_training_case_from_a_mask_and_its_row(tmp_path):
     ct = make_ct(origin=(10.0, -20.0, 5.0))
     mask = np.zeros(sitk.GetArrayViewFromImage(ct).shape, dtype=bool)
     mask[10:14, 20:30, 25:35] = True
-    record = panel.save_training_case(library, ct, mask, case_id="neck-1")
+    record = cases_section.save_training_case(library, ct, mask, case_id="neck-1")
     assert record.id == "neck-1" and record.metadata["label_voxels"] == 400
     stored = sitk.ReadImage(str(record.label_path))
     assert np.array_equal(sitk.GetArrayFromImage(stored), mask.astype(np.uint8))
     assert stored.GetOrigin() == pytest.approx(ct.GetOrigin())
     assert stored.GetSpacing() == pytest.approx(ct.GetSpacing())
     with pytest.raises(UserInputError, match="grid"):
-        panel.save_training_case(library, make_ct(seed=1), mask[:, :, :10])
+        cases_section.save_training_case(library, make_ct(seed=1), mask[:, :, :10])
 
-    (row,) = panel.case_rows(library)
+    (row,) = cases_section.case_rows(library)
     assert (row.id, row.size, row.spacing) == ("neck-1", "64x64x24", "1.50x1.50x3.00")
     assert row.node_volume_ml == f"{400 * 1.5 * 1.5 * 3.0 / 1000:.2f}"
-    assert len(row.added) == 16 and len(row.cells()) == len(panel.CASE_COLUMNS)
+    assert len(row.added) == 16 and len(row.cells()) == len(cases_section.CASE_COLUMNS)
 
 
 def test_training_segment_choice():
-    choose = panel.choose_training_segment
+    choose = cases_section.choose_training_segment
     segments = [("Segment_1", "lymph node"), ("Segment_2", "vessel")]
     assert choose(segments, "Segment_2") == "Segment_2"         # selected in the editor
     assert choose(segments, None) == "Segment_1"                # the one named "lymph node"
@@ -305,41 +305,41 @@ def test_node_report_csv_round_trip_ras_centroid_and_cells(tmp_path):
     ct = make_ct(origin=(30.0, -40.0, 12.0))
     label = sitk.Cast(sitk.BinaryThreshold(ct, 60, 200), sitk.sitkUInt8)
     report = node_report(label, ct)
-    rows = panel.read_node_csv(write_node_csv(report, tmp_path / "nodes.csv"))
+    rows = segment_section.read_node_csv(write_node_csv(report, tmp_path / "nodes.csv"))
     assert len(rows) == len(report) > 0
     for row, expected in zip(rows, report):
         assert row["id"] == expected.id and isinstance(row["id"], int)
         assert row["enlarged"] is expected.enlarged
         assert row["volume_mm3"] == pytest.approx(expected.volume_mm3, abs=0.006)
-        assert panel.node_centroid_ras(row) == pytest.approx(
+        assert segment_section.node_centroid_ras(row) == pytest.approx(
             (-expected.centroid_x_mm, -expected.centroid_y_mm, expected.centroid_z_mm), abs=6e-4)
-    cells = panel.node_table_cells(rows + [{"id": 9, "mean_hu": None, "enlarged": False}])
+    cells = segment_section.node_table_cells(rows + [{"id": 9, "mean_hu": None, "enlarged": False}])
     assert cells[0][0] == str(report[0].id) and cells[0][1] == f"{report[0].volume_mm3:.0f}"
     assert cells[-1] == ["9", "", "", "", "", ""]
-    assert len(cells[0]) == len(panel.NODE_TABLE_COLUMNS)
+    assert len(cells[0]) == len(segment_section.NODE_TABLE_COLUMNS)
 
 
 # --------------------------------------------------------------------------- jobs the panel starts
 def test_background_segmentation_with_the_tiny_model(installed_home):
     home = Home(installed_home)
     manager = JobManager(home.jobs)
-    files = panel.new_segmentation_files(home)
+    files = segment_section.new_segmentation_files(home)
     assert files.folder.parent == home.scratch / "slicer"
     with pytest.raises(UserInputError, match="not written"):
-        panel.submit_segmentation(manager, home, files)
+        segment_section.submit_segmentation(manager, home, files)
     ct = make_ct()
     sitk.WriteImage(ct, str(files.input), False)
-    job = panel.submit_segmentation(manager, home, files, model="tiny", device="cpu", fast=True)
-    assert job.spec["params"] == {**panel.segment_job_params(files, home, "tiny", "cpu", True),
+    job = segment_section.submit_segmentation(manager, home, files, model="tiny", device="cpu", fast=True)
+    assert job.spec["params"] == {**segment_section.segment_job_params(files, home, "tiny", "cpu", True),
                                   "model": "tiny"}
-    events, summaries = follow_to_end(panel.JobFollower(manager, job.id))
+    events, summaries = follow_to_end(job_following.JobFollower(manager, job.id))
     final = summaries[-1]
     assert final.state == "done", final.error
     assert final.result["model"] == "tiny@1" and final.result["device"] == "cpu"
     assert "predict" in {e.get("stage") for e in events if e["type"] == "progress"}
     label = sitk.ReadImage(str(files.output))
     assert label.GetSize() == ct.GetSize()
-    assert len(panel.read_node_csv(files.nodes_csv)) == final.result["nodes"]
+    assert len(segment_section.read_node_csv(files.nodes_csv)) == final.result["nodes"]
     files.remove()
     assert not files.folder.exists()
 
@@ -351,10 +351,10 @@ def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folde
     home = Home(home)
     manager = JobManager(home.jobs)
     with pytest.raises(UserInputError, match="Give a model"):
-        panel.install_job_params(home, "  ")
-    params = panel.install_job_params(home, str(tiny_model_folder), name="mine")
-    job = manager.submit(panel.INSTALL_JOB_KIND, params)
-    summary = follow_to_end(panel.JobFollower(manager, job.id))[1][-1]
+        model_section.install_job_params(home, "  ")
+    params = model_section.install_job_params(home, str(tiny_model_folder), name="mine")
+    job = manager.submit(model_section.INSTALL_JOB_KIND, params)
+    summary = follow_to_end(job_following.JobFollower(manager, job.id))[1][-1]
     assert summary.state == "done", summary.error
     assert summary.result == {"version": "mine@1", "active": True}
     assert ModelStore(home.models).active_version("mine") == 1
@@ -364,12 +364,12 @@ def test_model_install_job_from_a_folder_and_a_bad_source(home, tiny_model_folde
     reporter = Reporter(tmp_path / "direct")
     (tmp_path / "refused").mkdir()
     with pytest.raises(UserInputError, match="already installed as mine@1; choose that version"):
-        panel.install_model(params, Reporter(tmp_path / "refused"))
-    assert panel.install_model({**params, "force": True}, reporter) == {"version": "mine@2", "active": False}
+        model_section.install_model(params, Reporter(tmp_path / "refused"))
+    assert model_section.install_model({**params, "force": True}, reporter) == {"version": "mine@2", "active": False}
     progress = [e for e in read_events(tmp_path / "direct" / "events.ndjson")[0] if e["type"] == "progress"]
     assert [(e["stage"], e["done"], e["total"]) for e in progress] == [("install", 0, 1), ("install", 1, 1)]
     with pytest.raises(UserInputError, match="not found"):
-        panel.install_model(panel.install_job_params(home, str(home.root / "nowhere.zip")), reporter)
+        model_section.install_model(model_section.install_job_params(home, str(home.root / "nowhere.zip")), reporter)
 
 
 def test_adaptation_is_checked_pinned_and_never_activated_by_the_job(installed_home):
@@ -378,26 +378,26 @@ def test_adaptation_is_checked_pinned_and_never_activated_by_the_job(installed_h
 
     home = Home(installed_home)
     manager = JobManager(home.jobs)
-    request = panel.adapt_request("tiny", iterations=3, device="cpu", iterations_per_epoch=1)
+    request = adapt_section.adapt_request("tiny", iterations=3, device="cpu", iterations_per_epoch=1)
     from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD
 
     assert (request.method, request.gamma, request.activation) == (DEFAULT_METHOD, 2, "never")
     with pytest.raises(ValueError):
-        panel.adapt_request("tiny", activation="auto")
+        adapt_section.adapt_request("tiny", activation="auto")
     with pytest.raises(UserInputError, match="case library is empty"):
-        panel.submit_adaptation(manager, home, request)
+        adapt_section.submit_adaptation(manager, home, request)
     assert manager.list() == []  # nothing started
 
     ct = make_ct()
-    panel.save_training_case(CaseLibrary(home.cases), ct, sitk.GetArrayFromImage(ct) == 80)
-    job = panel.submit_adaptation(manager, home, request)
+    cases_section.save_training_case(CaseLibrary(home.cases), ct, sitk.GetArrayFromImage(ct) == 80)
+    job = adapt_section.submit_adaptation(manager, home, request)
     spec = job.spec
     assert spec["kind"] == "adapt" and spec["exclusive_device"] and spec["device"] == "cpu"
     assert spec["params"]["home"] == str(home.root)
     assert spec["params"]["request"]["model"] == "tiny@1"  # the parent is pinned
     assert spec["params"]["request"]["activation"] == "never"
     assert request.model == "tiny"  # the caller's request is left as it was
-    follower = panel.JobFollower(manager, job.id)
+    follower = job_following.JobFollower(manager, job.id)
     follower.cancel().join(30)
     assert follow_to_end(follower, timeout=30)[1][-1].state == "cancelled"
     assert [v.version for v in ModelStore(home.models).versions("tiny")] == [1]
@@ -407,12 +407,12 @@ def test_adaptation_outcome_offers_the_choice():
     result = {"version": "demo@3", "parent": "demo@2", "activated": False, "dice_before": 0.61,
               "dice_after": 0.7, "evaluation_is_held_out": True,
               "report": "/x/adaptation_report.json", "figure": "/x/adaptation_report.png"}
-    outcome = panel.adaptation_outcome(result)
+    outcome = adapt_section.adaptation_outcome(result)
     assert outcome.recommended and outcome.name_and_version() == ("demo", 3)
     assert outcome.figure == Path("/x/adaptation_report.png")
     assert outcome.text() == ("demo@3 (adapted from demo@2): Dice on held-out cases 0.610 -> 0.700 "
                               "(+0.090). The adapted model is no worse: using it is recommended.")
-    worse = panel.adaptation_outcome({**result, "dice_after": 0.5, "evaluation_is_held_out": False,
+    worse = adapt_section.adaptation_outcome({**result, "dice_after": 0.5, "evaluation_is_held_out": False,
                                       "figure": None})
     assert not worse.recommended and worse.figure is None
     assert "training cases" in worse.text() and "keeping the current model" in worse.text()
@@ -420,27 +420,27 @@ def test_adaptation_outcome_offers_the_choice():
 
 
 def test_worker_python_prefers_slicers_own_and_home_setting(tmp_path, monkeypatch):
-    assert panel.worker_python(lambda name: "/slicer/bin/PythonSlicer") == "/slicer/bin/PythonSlicer"
-    assert panel.worker_python(lambda name: None, "/usr/bin/python3") == "/usr/bin/python3"
-    assert panel.worker_python(lambda name: None) == sys.executable
+    assert environment.worker_python(lambda name: "/slicer/bin/PythonSlicer") == "/slicer/bin/PythonSlicer"
+    assert environment.worker_python(lambda name: None, "/usr/bin/python3") == "/usr/bin/python3"
+    assert environment.worker_python(lambda name: None) == sys.executable
     monkeypatch.setenv("LNDGST_HOME", str(tmp_path / "env-home"))
-    assert panel.home_from_setting("").root == tmp_path / "env-home"
-    assert panel.home_from_setting(None).root == tmp_path / "env-home"
-    assert panel.home_from_setting(str(tmp_path / "chosen")).root == tmp_path / "chosen"
+    assert environment.home_from_setting("").root == tmp_path / "env-home"
+    assert environment.home_from_setting(None).root == tmp_path / "env-home"
+    assert environment.home_from_setting(str(tmp_path / "chosen")).root == tmp_path / "chosen"
 
 
 def test_constants_match_the_core():
     from LymphNodeDGSTLib.engine.segmentation.devices import DEVICE_CHOICES
     from LymphNodeDGSTLib.adaptation.dgst import POLICY_NAMES
 
-    assert panel.DEVICE_CHOICES == DEVICE_CHOICES
-    from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD, SPARSE_METHODS
+    assert segment_section.DEVICE_CHOICES == DEVICE_CHOICES
+    from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD, METHODS, SPARSE_METHODS
     from LymphNodeDGSTLib.adaptation.dgst import SPARSE_POLICY_NAMES
 
-    assert set(panel.ADAPT_METHODS) == set(POLICY_NAMES) and panel.ADAPT_METHODS[0] == DEFAULT_METHOD
-    assert panel.ADAPT_DEFAULT_METHOD == DEFAULT_METHOD and set(SPARSE_METHODS) == set(SPARSE_POLICY_NAMES)
-    assert panel.device_text("cpu").startswith("Device: CPU (")
-    assert "No GPU will be used" in panel.device_text("cpu")
+    assert set(METHODS) == set(POLICY_NAMES) and METHODS[0] == DEFAULT_METHOD  # the panel's choices
+    assert set(SPARSE_METHODS) == set(SPARSE_POLICY_NAMES)
+    assert model_section.device_text("cpu").startswith("Device: CPU (")
+    assert "No GPU will be used" in model_section.device_text("cpu")
 
 
 # --------------------------------------------------------------------------- scene side (slicer-core)
@@ -458,8 +458,8 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     volume = mrml.sitk_image_to_volume_node(ct, scene, "CT")
 
     # Input written for a job is the CT exactly as SimpleITK would read it.
-    files = panel.new_segmentation_files(Home(installed_home))
-    written = sitk.ReadImage(str(panel.write_segmentation_input(volume, files)))
+    files = segment_section.new_segmentation_files(Home(installed_home))
+    written = sitk.ReadImage(str(segment_section.write_segmentation_input(volume, files)))
     assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(ct))
     assert written.GetOrigin() == pytest.approx(ct.GetOrigin())
 
@@ -470,8 +470,8 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     sitk.WriteImage(label, str(files.output))
     from LymphNodeDGSTLib.engine.segmentation.nodes import write_node_csv
     write_node_csv(node_report(label, ct), files.nodes_csv)
-    segmentation, table, rows = panel.import_segmentation_result(files, volume, scene)
-    segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(panel.LYMPH_NODE_SEGMENT)
+    segmentation, table, rows = segment_section.import_segmentation_result(files, volume, scene)
+    segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(segment_section.LYMPH_NODE_SEGMENT)
     assert segment_id and segmentation.GetName() == "CT lymph nodes"
     terminology = vtk.reference("")
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetTag("TerminologyEntry", terminology)
@@ -484,11 +484,11 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
     # A correction (another mask into the same nodes), then "Save as training case".
     corrected = np.zeros_like(mask)
     corrected[8:16, 20:28, 30:40] = True
-    again, same_table = panel.show_segmentation_result(corrected, volume, scene, rows[:1],
+    again, same_table = segment_section.show_segmentation_result(corrected, volume, scene, rows[:1],
                                                        segmentation, table)
     assert again is segmentation and same_table is table and table.GetNumberOfRows() == 1
     library = CaseLibrary(tmp_path / "cases")
-    record = panel.save_case_from_segmentation(library, volume, segmentation, None, "fixed")
+    record = cases_section.save_case_from_segmentation(library, volume, segmentation, None, "fixed")
     assert record.id == "fixed"
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(record.label_path))), corrected)
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(record.image_path))),
@@ -496,7 +496,7 @@ def test_scene_side_segment_import_and_save_case(installed_home, tmp_path):
 
     # In-process segmentation (the self-test's path) gives the report's rows and the table.
     segmenter = Segmenter(ModelStore(installed_home / "models"), device="cpu")
-    segmentation2, table2, rows2 = panel.segment_in_process(segmenter, volume, scene, "tiny", fast=True)
+    segmentation2, table2, rows2 = segment_section.segment_in_process(segmenter, volume, scene, "tiny", fast=True)
     expected = [asdict(r) for r in node_report(sitk.ReadImage(str(files.output)), ct)]
     assert segmentation2 is not segmentation and table2.GetNumberOfRows() == len(rows2)
     assert all(set(row) == set(expected[0]) for row in rows2)
@@ -641,7 +641,7 @@ def test_node_centroids_land_on_the_node_in_world_ras_and_the_editor_node_is_a_s
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(ijk_to_ras)
     expected = ijk_to_ras.MultiplyPoint((40, 10, 5, 1))[:3]
-    assert panel.node_centroid_world(row, volume) == pytest.approx(expected, abs=1e-3)
+    assert segment_section.node_centroid_world(row, volume) == pytest.approx(expected, abs=1e-3)
 
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     shift = vtk.vtkMatrix4x4()
@@ -650,12 +650,12 @@ def test_node_centroids_land_on_the_node_in_world_ras_and_the_editor_node_is_a_s
     transform.SetMatrixTransformToParent(shift)
     volume.SetAndObserveTransformNodeID(transform.GetID())
     moved = (expected[0] + 5.0, expected[1], expected[2] - 2.0)
-    assert panel.node_centroid_world(row, volume) == pytest.approx(moved, abs=1e-3)
-    assert panel.node_centroid_world(row, None) == pytest.approx(expected, abs=1e-3)
+    assert segment_section.node_centroid_world(row, volume) == pytest.approx(moved, abs=1e-3)
+    assert segment_section.node_centroid_world(row, None) == pytest.approx(expected, abs=1e-3)
 
     scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())  # Slicer registers it at startup
-    editor = panel.segment_editor_node(scene)
-    assert panel.segment_editor_node(scene) is editor and editor.GetSingletonTag() == "LymphNodeDGST"
+    editor = segment_section.segment_editor_node(scene)
+    assert segment_section.segment_editor_node(scene) is editor and editor.GetSingletonTag() == "LymphNodeDGST"
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == 1
 
 
@@ -679,22 +679,22 @@ def test_model_section_exports_and_installs_site_adapters_and_fold_checkpoints(i
     adapted = write_results_folder(tmp_path / "adapted", json.loads((tiny.path / "plans.json").read_text()),
                                    json.loads((tiny.path / "dataset.json").read_text()), weights)
     store.add_version("tiny", adapted, {"kind": "adapted", "parent": 1}, activate_if_first=False)
-    rows = panel.model_rows(store)
+    rows = model_section.model_rows(store)
     with pytest.raises(UserInputError, match="Select an adapted version"):
-        panel.export_adapter_for_row(store, rows, None, tmp_path / "a.safetensors")
+        model_section.export_adapter_for_row(store, rows, None, tmp_path / "a.safetensors")
     with pytest.raises(UserInputError, match="no parent"):
-        panel.export_adapter_for_row(store, rows, [r.ref for r in rows].index("tiny@1"), tmp_path / "a.safetensors")
-    text = panel.export_adapter_for_row(store, rows, [r.ref for r in rows].index("tiny@2"), tmp_path / "a.safetensors")
+        model_section.export_adapter_for_row(store, rows, [r.ref for r in rows].index("tiny@1"), tmp_path / "a.safetensors")
+    text = model_section.export_adapter_for_row(store, rows, [r.ref for r in rows].index("tiny@2"), tmp_path / "a.safetensors")
     assert "Wrote tiny@2 as a site adapter" in text
 
     other = Home(tmp_path / "other")
     ModelStore(other.models).install(tiny.path, name="base", show_progress=False)
     (tmp_path / "job").mkdir()
     reporter = Reporter(tmp_path / "job")
-    params = panel.install_job_params(other, str(tmp_path / "a.safetensors"), adapter=True)
-    assert panel.install_model(params, reporter) == {"version": "base@2", "active": False}
+    params = model_section.install_job_params(other, str(tmp_path / "a.safetensors"), adapter=True)
+    assert model_section.install_model(params, reporter) == {"version": "base@2", "active": False}
 
     folds = [str(nnunet_checkpoint(tmp_path / f"f{f}" / "checkpoint_final.pth", fold=f, seed=f)) for f in (0, 1)]
-    result = panel.install_model(panel.install_job_params(other, ";".join(folds), name="folds"), reporter)
+    result = model_section.install_model(model_section.install_job_params(other, ";".join(folds), name="folds"), reporter)
     assert result == {"version": "folds@1", "active": True}
     assert ModelStore(other.models).resolve("folds").metadata["folds"] == ["0", "1"]

@@ -14,11 +14,11 @@ from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.jobs.events import JobInfo
 from LymphNodeDGSTLib.jobs.manager import JobManager
-from LymphNodeDGSTLib.slicer_bridge.panel import (case_rows, import_segmentation_result, model_rows,
-                                                   new_segmentation_files, save_case_from_segmentation,
-                                                   segment_editor_node, segment_in_process,
-                                                   submit_adaptation, submit_segmentation,
-                                                   worker_python, write_segmentation_input)
+from LymphNodeDGSTLib.slicer_bridge.cases_section import case_rows, save_case_from_segmentation
+from LymphNodeDGSTLib.slicer_bridge.segment_section import (import_segmentation_result, new_segmentation_files, segment_editor_node, segment_in_process, submit_segmentation, write_segmentation_input)
+from LymphNodeDGSTLib.slicer_bridge.model_section import model_rows
+from LymphNodeDGSTLib.slicer_bridge.adapt_section import submit_adaptation
+from LymphNodeDGSTLib.slicer_bridge.environment import worker_python
 
 
 class ModuleLogic:

@@ -84,7 +84,7 @@ def start_rank_job(manager, home: Home, chosen: str | dict, model: str | None = 
                    python: str | None = None):
     """Submit the rank job for a folder (str) or written volumes (`loaded_volumes_to_rank`);
     (a JobFollower, the context `rank_rows` needs)."""
-    from LymphNodeDGSTLib.slicer_bridge.panel import JobFollower
+    from LymphNodeDGSTLib.slicer_bridge.job_following import JobFollower
 
     context = chosen if isinstance(chosen, dict) else {"folder": str(chosen)}
     job = manager.submit(RANK_JOB_KIND, rank_job_params(home, context["folder"], model, device), python=python)

@@ -17,7 +17,7 @@ import vtk
 
 from LymphNodeDGSTLib.slicer_bridge.mrml import (LYMPH_NODE_TERMINOLOGY, labelmap_array_to_segmentation,
                                                  segmentation_to_label_array, sitk_image_to_volume_node)
-from LymphNodeDGSTLib.slicer_bridge.panel import case_rows, save_case_from_segmentation
+from LymphNodeDGSTLib.slicer_bridge.cases_section import case_rows, save_case_from_segmentation
 
 
 def check(condition: bool, what: str) -> None:
@@ -60,7 +60,8 @@ def segment_save_case_and_adapt(logic, scene, say: Callable[[str], None], idle: 
     background job (not activated). `logic` is the module's logic, `say` shows a step, `idle` keeps
     the application responsive while waiting. Returns the adaptation's outcome text."""
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
-    from LymphNodeDGSTLib.slicer_bridge.panel import JobFollower, adapt_request, adaptation_outcome
+    from LymphNodeDGSTLib.slicer_bridge.job_following import JobFollower
+    from LymphNodeDGSTLib.slicer_bridge.adapt_section import adapt_request, adaptation_outcome
 
     say("Installing the demo model")
     model = logic.ensureDefaultModel()
