@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from LymphNodeDGSTLib.demo.demo_archive import DEMO_MODEL_NAME, DEMO_ZIP_NAME, locate_demo_model  # noqa: F401
 from LymphNodeDGSTLib.engine.store.architectures import UNetSpec, build_network, make_dataset_json, make_plans
 
-DEMO_MODEL_NAME = "lymphnode-demo"
-DEMO_ZIP_NAME = "lymphnode-demo.zip"
 TRAINING_SEED_OFFSET = 1000       # phantoms 1000.. train the model
 VALIDATION_SEED_OFFSET = 5000     # phantoms 5000.. check it
 
@@ -40,15 +39,6 @@ def demo_spec(intensity_properties: dict | None = None) -> UNetSpec:
     if intensity_properties:
         spec.intensity_properties = intensity_properties
     return spec
-
-
-def locate_demo_model() -> Path | None:
-    """The shipped demo model zip: $LNDGST_DEMO_MODEL, else the module's Resources/DemoModel."""
-    explicit = os.environ.get("LNDGST_DEMO_MODEL")
-    if explicit:
-        return Path(explicit) if Path(explicit).exists() else None
-    shipped = Path(__file__).resolve().parents[2] / "Resources" / "DemoModel" / DEMO_ZIP_NAME
-    return shipped if shipped.is_file() else None
 
 
 def ensure_default_model(store) -> str | None:

@@ -243,12 +243,31 @@ class JobManager:
         return next((e for e in events if e.get("type") in TERMINAL_EVENTS), None)
 
     def _info(self, folder: Path, spec: dict) -> JobInfo:
-        pid = _read_pid(folder / PID_FILE)
-        # Liveness first, events second: a worker seen dead has written all it ever will.
-        alive = pid is not None and worker_alive(pid, folder.name)
+        pid, alive = self._liveness(folder)  # first: a worker seen dead has written all it ever will
         events, _ = read_events(folder / EVENTS_FILE)
         last_progress = next((e for e in reversed(events) if e.get("type") == "progress"), None)
         terminal = next((e for e in events if e.get("type") in TERMINAL_EVENTS), None)
+        return self._state(folder, spec, pid, alive, terminal, last_progress)
+
+    def info_after(self, job_id: str, read_events_since: Callable[[], tuple[dict | None, dict | None]]) -> JobInfo:
+        """A job's info where the caller reads the events itself, incrementally (the panel's poll):
+        liveness is checked first, then `read_events_since()` gives (terminal event or None, last
+        progress event or None) from what the caller has read so far."""
+        folder = self._folder(job_id)
+        spec = _read_spec(folder)
+        if spec is None:
+            raise UserInputError(f"job {job_id} has no readable {JOB_FILE}")
+        pid, alive = self._liveness(folder)
+        terminal, last_progress = read_events_since()
+        return self._state(folder, spec, pid, alive, terminal, last_progress)
+
+    def _liveness(self, folder: Path) -> tuple[int | None, bool]:
+        pid = _read_pid(folder / PID_FILE)
+        return pid, pid is not None and worker_alive(pid, folder.name)
+
+    @staticmethod
+    def _state(folder: Path, spec: dict, pid: int | None, alive: bool, terminal: dict | None,
+               last_progress: dict | None) -> JobInfo:
         result = error = None
         if terminal is not None and terminal["type"] == "done":
             state, result = "done", terminal.get("result") or {}

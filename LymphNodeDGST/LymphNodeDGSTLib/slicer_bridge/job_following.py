@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.jobs.events import JobInfo
+from LymphNodeDGSTLib.jobs.events import TERMINAL_EVENTS, JobInfo
 from LymphNodeDGSTLib.jobs.manager import JobManager
 
 
@@ -99,26 +99,44 @@ class JobFollower:
         self.manager = manager
         self.job_id = job_id
         self._offset = 0
+        self._terminal: dict | None = None
+        self._last_progress: dict | None = None
         self._curve: dict[int, list[float | None]] = {}
         self.summary = JobSummary(job_id)
 
     def poll(self) -> tuple[list[dict], JobSummary]:
-        """The events written since the last poll, and the summary after them."""
-        try:
-            # State before events: once the state is terminal, all events are in the file.
-            info = self.manager.get(self.job_id)
+        """The events written since the last poll (read from the last offset: the file is never
+        read again from its start), and the summary after them. A job whose files cannot be read
+        any more ends as failed, once, with the reason."""
+        new_events: list[dict] = []
+
+        def read_new() -> tuple[dict | None, dict | None]:
             events, self._offset = self.manager.events(self.job_id, self._offset)
+            new_events.extend(events)
+            for event in events:
+                if event.get("type") in TERMINAL_EVENTS and self._terminal is None:
+                    self._terminal = event
+                elif event.get("type") == "progress":
+                    self._last_progress = event
+            return self._terminal, self._last_progress
+
+        try:
+            info = self.manager.info_after(self.job_id, read_new)
         except UserInputError as error:  # the job folder vanished (home cleared, or moved)
             self.summary = replace(self.summary, state="failed", error=str(error))
             return [], self.summary
+        except OSError as error:  # e.g. events.ndjson replaced by a folder, a disk gone
+            self.summary = replace(self.summary, state="failed",
+                                   error=f"cannot read the job's files any more ({error})")
+            return [], self.summary
         summary = replace(self.summary, kind=info.kind)
-        for event in events:
+        for event in new_events:
             self._apply(summary, event)
         summary.state, summary.result = info.state, info.result
         summary.error = info.error if info.state != "done" else None
         summary.curve = [(epoch, *values) for epoch, values in sorted(self._curve.items())]
         self.summary = summary
-        return events, summary
+        return new_events, summary
 
     def cancel(self, timeout: float = 10.0) -> threading.Thread:
         """Ask the job to stop without blocking the caller: JobManager.cancel waits for the worker

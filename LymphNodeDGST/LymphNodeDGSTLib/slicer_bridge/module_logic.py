@@ -1,8 +1,8 @@
 """What the Slicer module's logic class does, as plain Python: the home's job manager, model store
 and case library, and the starts of segmentation and adaptation.
 
-The module's `LymphNodeDGSTLogic` adds Slicer's base class, the home folder from Qt's settings and
-the one call that needs Slicer's markups module; everything here runs with slicer-core alone.
+The module's `LymphNodeDGSTLogic` (Slicer's base class) holds one as `core`, with the home folder from
+Qt's settings, and adds the one call that needs Slicer's markups module; everything here runs with slicer-core alone.
 Method names follow Slicer's camelCase, since the widget and the self-test call them.
 """
 
@@ -42,6 +42,12 @@ class ModuleLogic:
         from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 
         return CaseLibrary(self.home.cases)
+
+    def demoModelArchive(self):
+        """The bundled demo model's archive when the store holds no model yet (light: no torch)."""
+        from LymphNodeDGSTLib.demo.demo_archive import locate_demo_model
+
+        return None if self.store().names() else locate_demo_model()
 
     def ensureDefaultModel(self):
         from LymphNodeDGSTLib.demo.demo_model import ensure_default_model

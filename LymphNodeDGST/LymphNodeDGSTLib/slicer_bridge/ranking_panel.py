@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
@@ -49,35 +49,40 @@ def rank_inputs_folder(home: Home) -> Path:
     return folder
 
 
-def write_volumes_for_ranking(volume_nodes: Sequence[Any], folder: Path) -> dict[str, str]:
-    """Each scalar volume node as FOLDER/NNN.nrrd (atomically); {path: node id}."""
-    from LymphNodeDGSTLib.engine.images.files import write_image_atomic
-    from LymphNodeDGSTLib.slicer_bridge.mrml import volume_node_to_sitk
-
-    paths = {}
-    for index, node in enumerate(volume_nodes):
-        path = folder / f"{index:03d}.nrrd"
-        write_image_atomic(volume_node_to_sitk(node), path, compress=False)
-        paths[str(path)] = node.GetID()
-    return paths
-
-
 def rank_job_params(home: Home, folder: str | Path, model: str | None = None, device: str = "auto") -> dict:
     return {"folder": str(folder), "model": model or None, "device": device, "home": str(home.root)}
 
 
-def loaded_volumes_to_rank(home: Home, scene) -> dict | None:
-    """The scene's scalar (non-label) volumes written for a rank job: {"folder", "names",
-    "node_ids"} (names and node ids by written path); a UserInputError when none is loaded."""
+def snapshot_loaded_volumes(scene) -> list[tuple[str, str, Any]]:
+    """The scene's scalar (non-label) volumes as (node id, name, SimpleITK image) copies, taken on
+    the GUI thread so that writing them can happen on another; a UserInputError when none is loaded."""
+    from LymphNodeDGSTLib.slicer_bridge.mrml import volume_node_to_sitk
+
     collection = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
     nodes = [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode")]
     if not nodes:
         raise UserInputError("Load one or more CT volumes first.")
+    return [(node.GetID(), node.GetName(), volume_node_to_sitk(node)) for node in nodes]
+
+
+def write_snapshot_for_ranking(home: Home, snapshot: list[tuple[str, str, Any]]) -> dict:
+    """The snapshot written as FOLDER/NNN.nrrd (atomically): {"folder", "names", "node_ids"}."""
+    from LymphNodeDGSTLib.engine.images.files import write_image_atomic
+
     folder = rank_inputs_folder(home)
-    node_ids = write_volumes_for_ranking(nodes, folder)
-    names = {path: scene.GetNodeByID(node_id).GetName() for path, node_id in node_ids.items()}
+    names, node_ids = {}, {}
+    for index, (node_id, name, image) in enumerate(snapshot):
+        path = folder / f"{index:03d}.nrrd"
+        write_image_atomic(image, path, compress=False)
+        names[str(path)], node_ids[str(path)] = name, node_id
     return {"folder": str(folder), "names": names, "node_ids": node_ids}
+
+
+def loaded_volumes_to_rank(home: Home, scene) -> dict | None:
+    """The scene's scalar (non-label) volumes written for a rank job: {"folder", "names",
+    "node_ids"} (names and node ids by written path); a UserInputError when none is loaded."""
+    return write_snapshot_for_ranking(home, snapshot_loaded_volumes(scene))
 
 
 def start_rank_job(manager, home: Home, chosen: str | dict, model: str | None = None, device: str = "auto",

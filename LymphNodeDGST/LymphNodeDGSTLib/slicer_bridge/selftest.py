@@ -53,11 +53,12 @@ def scene_and_case_library(scene, library) -> list[str]:
     return ["scene round trip", "terminology", "training case"]
 
 
-def segment_save_case_and_adapt(logic, scene, say: Callable[[str], None], idle: Callable[[], None],
-                                timeout_s: float = 1800) -> str:
+def segment_save_case_and_adapt(logic, scene, jump_to_node: Callable[..., None], say: Callable[[str], None],
+                                idle: Callable[[], None], timeout_s: float = 1800) -> str:
     """The whole loop where torch and nnU-Net are installed: install the demo model, segment a
     site-B phantom in-process, save its truth as a corrected case, adapt for a few iterations in a
-    background job (not activated). `logic` is the module's logic, `say` shows a step, `idle` keeps
+    background job (not activated). `logic` is the module logic's ModuleLogic (`core`),
+    `jump_to_node` centres the views on a node, `say` shows a step, `idle` keeps
     the application responsive while waiting. Returns the adaptation's outcome text."""
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
     from LymphNodeDGSTLib.slicer_bridge.job_following import JobFollower
@@ -74,7 +75,7 @@ def segment_save_case_and_adapt(logic, scene, say: Callable[[str], None], idle: 
     check(bool(segmentation.GetSegmentation().GetSegmentIdBySegmentName("lymph node")), "no lymph-node segment")
     check(table.GetNumberOfRows() == len(rows), "the node table does not match the report")
     if rows:
-        logic.jumpToNode(rows[0], volume)
+        jump_to_node(rows[0], volume)
 
     say("Correcting (the phantom's truth plays the clinician) and saving a case")
     labelmap_array_to_segmentation(sitk.GetArrayFromImage(phantom.label), volume, scene,

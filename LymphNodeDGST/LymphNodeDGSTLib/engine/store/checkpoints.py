@@ -13,7 +13,6 @@ import re
 import zipfile
 
 import numpy as np
-import torch
 
 from LymphNodeDGSTLib.errors import ModelValidationError, UnsafeCheckpointError
 
@@ -28,10 +27,13 @@ def _numpy_safe_globals() -> list:
 
 
 SAFE_GLOBALS = _numpy_safe_globals()
+# torch is imported where a checkpoint is loaded: listing the store (the Slicer panel at start) needs none
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     """Load a checkpoint on the CPU; refuse one that needs arbitrary unpickling unless trusted."""
+    import torch
+
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise ModelValidationError(f"{path}: the checkpoint is corrupt or not a PyTorch file")
@@ -53,6 +55,8 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
 
 
 def _load_untrusted(path: str) -> dict:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any failure of a foreign pickle is a bad file

@@ -7,9 +7,10 @@ adaptation (the foundation snapshot that weight statistics compare against).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:  # imported where used: the store lists versions without torch
+    import torch
 
 
 def alias_key(tensor: torch.Tensor) -> tuple | None:
@@ -43,6 +44,8 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """The identity of a set of weights: SHA-256 over every key (sorted), its dtype, shape and raw
     bytes. Independent of how the checkpoint file around the weights was written (pickle layout,
     logs, optimiser state), so two sites holding the same weights get the same value."""
+    import torch
+
     import hashlib
 
     digest = hashlib.sha256()
