@@ -110,7 +110,7 @@ def site_b_home(home) -> Home:
 
 @pytest.mark.slow
 def test_adapt_wait_publishes_a_better_version_with_report_and_figure(site_b_home):
-    from LymphNodeDGSTLib.demo.bench_adapt import cropped
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import cropped
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
     store = ModelStore(site_b_home.models)

@@ -9,21 +9,8 @@ import pytest
 
 from conftest import SHARED_DATA, run_cli
 from LymphNodeDGSTLib.cli import main as cli
-from LymphNodeDGSTLib.demo.bench_adapt import (
-    FIGURE_FILE,
-    CaseFile,
-    RUNS_FILE,
-    STS_TEST,
-    STS_TRAIN,
-    TABLE_FILE,
-    BenchConfig,
-    markdown_table,
-    plan_runs,
-    sts_cases,
-    summarise,
-    table_columns,
-    write_reports,
-)
+from LymphNodeDGSTLib.demo.bench_adapt.plan import (FIGURE_FILE, CaseFile, RUNS_FILE, STS_TEST, STS_TRAIN, TABLE_FILE, BenchConfig, plan_runs, sts_cases)
+from LymphNodeDGSTLib.demo.bench_adapt.tables import markdown_table, summarise, table_columns, write_reports
 
 
 def table_rows(markdown: str, header_starts: str) -> tuple[list[str], list[dict]]:

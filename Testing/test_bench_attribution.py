@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from LymphNodeDGSTLib.adaptation.weight_attribution import change_shares, part_of, with_parts_reset
-from LymphNodeDGSTLib.demo.bench_adapt import chosen_learning_rates, paired_table
+from LymphNodeDGSTLib.demo.bench_adapt.plan import chosen_learning_rates
+from LymphNodeDGSTLib.demo.bench_adapt.tables import paired_table
 from LymphNodeDGSTLib.demo.bench_paired import mean_interval, paired_differences
 
 

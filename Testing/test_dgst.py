@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from dgst_helpers import (GAMMA, INPUT_SHAPE, changed_mask, output_filters, random_batch, record_plans, segmentation_loss, sgd, tiny_unet, train, union_of)
 from LymphNodeDGSTLib.adaptation import dgst
-from LymphNodeDGSTLib.engine.store import architectures
+from LymphNodeDGSTLib.adaptation.dgst import lora as dgst_lora
+from LymphNodeDGSTLib.adaptation.dgst import masked_step as dgst_step
+from LymphNodeDGSTLib.adaptation.dgst import policies as dgst_policies
+from LymphNodeDGSTLib.adaptation.dgst import selection as dgst_selection
 from LymphNodeDGSTLib.adaptation.weight_stats import count_changed, weight_change_summary
 from LymphNodeDGSTLib.engine.store.state_dicts import snapshot_state
-
-GAMMA = 2
-INPUT_SHAPE = (2, 1, 4, 16, 16)  # batch, channel, z, y, x: divisible by the tiny net's strides
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,86 +26,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def tiny_unet(deep_supervision: bool = True, seed: int = 0) -> nn.Module:
-    """A 3-stage nnU-Net PlainConvUNet (Conv3d + ConvTranspose3d + seg_layers), a few k weights."""
-    spec = architectures.tiny_spec(
-        features_per_stage=(4, 8, 16), patch_size=(4, 16, 16),
-        strides=([1, 1, 1], [1, 2, 2], [2, 2, 2]),
-        kernel_sizes=([1, 3, 3], [3, 3, 3], [3, 3, 3]))
-    torch.manual_seed(seed)
-    return architectures.build_network(architectures.make_plans(spec),
-                                       architectures.make_dataset_json(spec.labels),
-                                       deep_supervision=deep_supervision)
-
-
-def random_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    image = torch.randn(INPUT_SHAPE, generator=generator)
-    target = (torch.rand(INPUT_SHAPE, generator=generator) > 0.7).long()[:, 0]
-    return image, target
-
-
-def segmentation_loss(outputs, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on every output (deep supervision: the target downsampled by striding)."""
-    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-    loss = torch.zeros(())
-    for output in outputs:
-        steps = [t // o for t, o in zip(target.shape[1:], output.shape[2:])]
-        loss = loss + nn.functional.cross_entropy(
-            output, target[:, ::steps[0], ::steps[1], ::steps[2]])
-    return loss
-
-
-def sgd(parameters, lr: float = 1e-2) -> torch.optim.Optimizer:
-    return torch.optim.SGD(parameters, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
-
-
-def record_plans(policy: dgst.UpdatePolicy) -> list[dict[int, torch.Tensor]]:
-    """Wrap policy.plan so every step's allowed entries (per parameter with a gradient) are kept."""
-    recorded: list[dict[int, torch.Tensor]] = []
-    original_plan = policy.plan
-
-    def recording_plan() -> dgst.StepPlan:
-        plan = original_plan()
-        allowed = {id(p): torch.ones_like(p, dtype=torch.bool) for p in plan.whole if p.grad is not None}
-        allowed.update({id(p): mask.clone() for p, mask, _ in plan.masked if p.grad is not None})
-        recorded.append(allowed)
-        return plan
-
-    policy.plan = recording_plan
-    return recorded
-
-
-def train(network: nn.Module, policy: dgst.UpdatePolicy, steps: int, optimizer=None,
-          **stepper_options) -> tuple[dgst.MaskedStepper, list[dgst.StepReport]]:
-    optimizer = optimizer or sgd(policy.trainable_parameters())
-    stepper = dgst.MaskedStepper(policy, **stepper_options)
-    reports = []
-    for step in range(steps):
-        image, target = random_batch(step)
-        optimizer.zero_grad(set_to_none=True)
-        segmentation_loss(network(image), target).backward()
-        reports.append(stepper.step(optimizer))
-    return stepper, reports
-
-
-def changed_mask(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    return before.view(torch.int32) != after.detach().view(torch.int32)
-
-
-def output_filters(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """[out_channels, -1], written independently of FilterLayout (ungrouped convolutions)."""
-    return (tensor.transpose(0, 1) if transposed else tensor).flatten(1)
-
-
-def union_of(recorded: list[dict[int, torch.Tensor]], parameter: nn.Parameter) -> torch.Tensor:
-    union = torch.zeros_like(parameter, dtype=torch.bool)
-    for allowed in recorded:
-        if id(parameter) in allowed:
-            union |= allowed[id(parameter)]
-    return union
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,35 +53,35 @@ def test_top_gamma_mask_matches_brute_force(shape, gamma, with_ties):
     else:
         scores = torch.randn(shape, generator=generator).abs()
     original = scores.clone()
-    mask = dgst.top_gamma_mask(scores, gamma)
+    mask = dgst_selection.top_gamma_mask(scores, gamma)
     assert torch.equal(scores, original), "scores must be left alone unless overwrite_scores"
     assert torch.equal(mask, brute_force_top(scores, gamma))
     assert (mask.sum(dim=1) == min(gamma, shape[1])).all()
-    assert torch.equal(dgst.top_gamma_mask(scores.clone(), gamma, overwrite_scores=True), mask)
+    assert torch.equal(dgst_selection.top_gamma_mask(scores.clone(), gamma, overwrite_scores=True), mask)
 
 
 @pytest.mark.parametrize("gamma", [2, 10])
 def test_top_gamma_mask_selects_nan_first(gamma):
     scores = torch.rand(4, 30, generator=torch.Generator().manual_seed(gamma))
     scores[0, 5] = scores[0, 20] = scores[2, 7] = float("nan")
-    mask = dgst.top_gamma_mask(scores, gamma)
+    mask = dgst_selection.top_gamma_mask(scores, gamma)
     assert mask[0, 5] and mask[0, 20] and mask[2, 7]
     assert torch.equal(mask, brute_force_top(scores.nan_to_num(nan=2.0), gamma))
 
 
 def test_top_gamma_mask_all_equal_scores_take_lowest_indices():
-    mask = dgst.top_gamma_mask(torch.zeros(3, 10), 2)
+    mask = dgst_selection.top_gamma_mask(torch.zeros(3, 10), 2)
     assert mask[:, :2].all() and not mask[:, 2:].any()
 
 
 def test_filter_layout_uses_output_filters_for_transposed_and_grouped_convolutions():
     conv = nn.Conv3d(6, 4, 3, groups=2)
-    layout = dgst.FilterLayout.of(conv)
+    layout = dgst_selection.FilterLayout.of(conv)
     assert (layout.n_filters, layout.filter_size) == (4, 3 * 27)
     assert torch.equal(layout.to_filters(conv.weight)[1], conv.weight[1].flatten())
 
     transposed = nn.ConvTranspose3d(6, 4, 2, stride=2, groups=2)  # weight [6, 2, 2, 2, 2]
-    layout = dgst.FilterLayout.of(transposed)
+    layout = dgst_selection.FilterLayout.of(transposed)
     assert (layout.n_filters, layout.filter_size) == (4, 3 * 8)
     filters = layout.to_filters(transposed.weight)
     for out_channel in range(4):
@@ -305,7 +226,7 @@ OPTIMISERS = {
 }
 
 
-def gradient_only_masked_step(policy: dgst.UpdatePolicy, optimizer) -> dgst.StepPlan:
+def gradient_only_masked_step(policy: dgst_policies.UpdatePolicy, optimizer) -> dgst_policies.StepPlan:
     """What defect 2 of DGST.md does: zero the unselected gradients, then a plain step."""
     plan = policy.plan()
     for p, mask, _ in plan.masked:
@@ -321,7 +242,7 @@ def test_update_masking_keeps_unselected_entries_where_gradient_masking_does_not
         network = tiny_unet()
         policy = dgst.make_policy("dgst", network, gamma=GAMMA)
         optimizer = OPTIMISERS[optimiser](policy.trainable_parameters())
-        stepper = dgst.MaskedStepper(policy)
+        stepper = dgst_step.MaskedStepper(policy)
         recorded = record_plans(policy) if implementation == "masked_stepper" else []
         escaped = 0
         for step in range(4):
@@ -348,7 +269,7 @@ def test_clipping_uses_only_the_applied_gradients():
     policy = dgst.make_policy("dgst", network, gamma=GAMMA)
     recorded = record_plans(policy)
     optimizer = sgd(policy.trainable_parameters())
-    stepper = dgst.MaskedStepper(policy, max_grad_norm=1e-3)
+    stepper = dgst_step.MaskedStepper(policy, max_grad_norm=1e-3)
     image, target = random_batch(0)
     segmentation_loss(network(image), target).backward()
     gradients = {id(p): p.grad.clone() for p in network.parameters() if p.grad is not None}
@@ -364,7 +285,7 @@ def test_foundation_l2_pulls_only_allowed_entries_back():
     network = tiny_unet()
     policy = dgst.make_policy("dgst", network, gamma=GAMMA)
     recorded = record_plans(policy)
-    stepper = dgst.MaskedStepper(policy, foundation_l2=0.5)
+    stepper = dgst_step.MaskedStepper(policy, foundation_l2=0.5)
     foundation = {id(p): p.detach().clone() for p in policy.trainable_parameters()}
     with torch.no_grad():
         for p in policy.trainable_parameters():
@@ -386,7 +307,7 @@ def test_grad_scaler_step_and_skipped_step():
     policy = dgst.make_policy("dgst", network, gamma=GAMMA)
     optimizer = sgd(policy.trainable_parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    stepper = dgst.MaskedStepper(policy, max_grad_norm=12.0)
+    stepper = dgst_step.MaskedStepper(policy, max_grad_norm=12.0)
     image, target = random_batch(0)
     foundation = {n: p.detach().clone() for n, p in network.named_parameters()}
 
@@ -413,7 +334,7 @@ def test_dgst_with_momentum_lowers_the_loss_on_a_toy_segmentation_task():
     network = tiny_unet(deep_supervision=False)
     policy = dgst.make_policy("dgst", network, gamma=GAMMA)
     optimizer = sgd(policy.trainable_parameters(), lr=1e-2)
-    stepper = dgst.MaskedStepper(policy, max_grad_norm=12.0)
+    stepper = dgst_step.MaskedStepper(policy, max_grad_norm=12.0)
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(40):  # a bright box in noise; the label is the box
@@ -459,7 +380,7 @@ def test_lora_trains_adapters_only_and_merges_into_plain_weights():
     image, _ = random_batch(7)
     with torch.no_grad():
         peft_outputs = network(image)
-        merged = dgst.merged_state_dict(network)
+        merged = dgst_lora.merged_state_dict(network)
         plain = tiny_unet()
         plain.load_state_dict(merged)
         plain.eval()

@@ -8,9 +8,12 @@ import torch
 from torch import nn
 
 from LymphNodeDGSTLib.adaptation import dgst
+from LymphNodeDGSTLib.adaptation.dgst import masked_step as dgst_step
+from LymphNodeDGSTLib.adaptation.dgst import policies as dgst_policies
+from LymphNodeDGSTLib.adaptation.dgst import variants as dgst_variants
 from LymphNodeDGSTLib.adaptation.selection_stats import SelectionPersistence
 
-from test_dgst import GAMMA, changed_mask, output_filters, random_batch, segmentation_loss, tiny_unet
+from dgst_helpers import GAMMA, changed_mask, edge_task, output_filters, random_batch, segmentation_loss, tiny_unet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,7 +24,7 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def known_gradients(policy: dgst.SparseFilterPolicy, seed: int) -> dict[str, torch.Tensor]:
+def known_gradients(policy: dgst_policies.SparseFilterPolicy, seed: int) -> dict[str, torch.Tensor]:
     """Distinct, signed gradients on every parameter (large negative ones included, so a
     selection by signed gradient instead of |grad| picks other entries)."""
     generator = torch.Generator().manual_seed(seed)
@@ -46,7 +49,7 @@ def is_transposed(network: nn.Module, name: str) -> bool:
     return isinstance(network.get_submodule(name.rpartition(".")[0]), nn.ConvTranspose3d)
 
 
-def masks_by_name(policy: dgst.UpdatePolicy) -> dict[str, torch.Tensor]:
+def masks_by_name(policy: dgst_policies.UpdatePolicy) -> dict[str, torch.Tensor]:
     names = {id(info.parameter): info.name for info in policy.infos}
     return {names[id(p)]: mask for p, mask, _ in policy.plan().masked}
 
@@ -86,7 +89,7 @@ def test_dgst_ema_selects_on_the_running_average_of_absolute_gradients():
     masks = masks_by_name(policy)
     differs = 0
     for name, mask in masks.items():
-        average = dgst.EMA_BETA * first[name].abs() + (1 - dgst.EMA_BETA) * second[name].abs()
+        average = dgst_variants.EMA_BETA * first[name].abs() + (1 - dgst_variants.EMA_BETA) * second[name].abs()
         transposed = is_transposed(network, name)
         assert torch.equal(mask, reference_mask(average, transposed, GAMMA)), name
         differs += int(not torch.equal(mask, reference_mask(second[name], transposed, GAMMA)))
@@ -102,7 +105,7 @@ def test_dgst_budget_never_moves_more_than_its_budget_per_filter():
     """
     network = tiny_unet()
     budget = 3
-    policy = dgst.BudgetTopGammaPolicy(network, gamma=GAMMA, budget=budget)
+    policy = dgst_variants.BudgetTopGammaPolicy(network, gamma=GAMMA, budget=budget)
     moved: dict[str, torch.Tensor] = {}
     for step in range(12):
         known_gradients(policy, seed=100 + step)
@@ -122,7 +125,7 @@ def test_dgst_split_gives_the_sparse_entries_their_own_learning_rate_group():
     policy = dgst.make_policy("dgst-split", tiny_unet(), gamma=GAMMA)
     groups = policy.optimizer_groups()
     sparse = {id(info.parameter) for info in policy.sparse}
-    assert [g["lr_scale"] for g in groups] == [1.0, dgst.SPLIT_LR_SCALE]
+    assert [g["lr_scale"] for g in groups] == [1.0, dgst_variants.SPLIT_LR_SCALE]
     assert {id(p) for p in groups[1]["params"]} == sparse
     assert not sparse & {id(p) for p in groups[0]["params"]}
 
@@ -139,7 +142,7 @@ def test_unselected_momentum_decays_without_a_weight_decay_term():
     network = tiny_unet()
     policy = dgst.make_policy("dgst", network, gamma=GAMMA)
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
-    stepper = dgst.MaskedStepper(policy)
+    stepper = dgst_step.MaskedStepper(policy)
     weight = policy.sparse[1].parameter
     buffers, masks = [], []
     original_plan = policy.plan
@@ -174,7 +177,7 @@ def test_masked_step_with_everything_selected_is_plain_sgd_with_weight_decay():
         policy = dgst.make_policy("dgst", network, gamma=10_000, allow_full_selection=True)
         optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1e-2, momentum=0.99,
                                     nesterov=True, weight_decay=0.05)
-        stepper = dgst.MaskedStepper(policy)
+        stepper = dgst_step.MaskedStepper(policy)
         for step in range(3):
             image, target = random_batch(step)
             optimizer.zero_grad(set_to_none=True)
@@ -194,7 +197,7 @@ def test_selection_only_moves_only_the_selected_convolution_entries():
     policy = dgst.make_policy("dgst", network, gamma=GAMMA, selection_only=True)
     optimizer = torch.optim.SGD([g for g in policy.optimizer_groups()], lr=1e-2, momentum=0.9,
                                 weight_decay=3e-5)
-    stepper = dgst.MaskedStepper(policy)
+    stepper = dgst_step.MaskedStepper(policy)
     for step in range(3):
         image, target = random_batch(step)
         optimizer.zero_grad(set_to_none=True)
@@ -228,23 +231,6 @@ def test_selection_persistence_counts_reselections_and_picks_per_entry():
 # ---------------------------------------------------------------------------------------------
 # End to end: the selection itself must matter
 
-def edge_task(seed: int, n: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Smoothed noise volumes; the label marks where the image rises steeply along x (an edge
-    detector the convolutions must learn: no per-channel affine of the input gives it)."""
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        image = torch.randn(INPUT, generator=generator)
-        image = nn.functional.avg_pool3d(image, (1, 3, 3), stride=1, padding=(0, 1, 1))
-        rise = torch.zeros_like(image)
-        rise[..., 1:] = image[..., 1:] - image[..., :-1]
-        target = (rise > 0.25).long()[:, 0]
-        batches.append((image, target))
-    return batches
-
-
-INPUT = (2, 1, 4, 16, 16)
-
 
 def held_out_loss(method: str, seed: int, steps: int = 60) -> float:
     """Train a random-weight tiny nnU-Net with only the selected convolution entries moving
@@ -252,7 +238,7 @@ def held_out_loss(method: str, seed: int, steps: int = 60) -> float:
     network = tiny_unet(seed=seed)
     policy = dgst.make_policy(method, network, gamma=GAMMA, seed=seed, selection_only=True)
     optimizer = torch.optim.SGD(policy.optimizer_groups(), lr=3e-2, momentum=0.9, weight_decay=3e-5)
-    stepper = dgst.MaskedStepper(policy, max_grad_norm=12.0)
+    stepper = dgst_step.MaskedStepper(policy, max_grad_norm=12.0)
     train, test = edge_task(seed), edge_task(1000 + seed, n=2)
     for step in range(steps):
         image, target = train[step % len(train)]

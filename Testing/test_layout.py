@@ -110,3 +110,33 @@ def test_no_import_circles():
         if node not in state:
             visit(node, [node])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+# Inside a layer the rooms follow the data too: images and the model store below the segmenter
+# (CT -> label), the segmenter below cohorts (many CTs); the case library (label -> case) below
+# the rest of adaptation (cases -> version).
+ROOMS = {"engine.images": 1, "engine.store": 1, "engine.segmentation": 2, "engine.cohort": 3,
+         "adaptation.cases": 1, "adaptation": 2}
+
+
+def room_of(name: str) -> str | None:
+    parts = name.split(".")
+    for depth in (3, 2):
+        room = ".".join(parts[1:depth])
+        if room in ROOMS and len(parts) > depth - 1:
+            return room
+    return None
+
+
+def test_rooms_inside_the_engine_and_adaptation_follow_the_data():
+    """Catches e.g. the model store importing the segmenter, the segmenter importing cohort
+    batches, or the case library importing the trainer."""
+    for name, targets in graph().items():
+        own = room_of(name)
+        if own is None:
+            continue
+        for target in targets:
+            other = room_of(target)
+            if other is None or other == own or other.split(".")[0] != own.split(".")[0]:
+                continue
+            assert ROOMS[other] < ROOMS[own], f"{name} ({own}) imports {target} ({other})"

@@ -11,17 +11,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from LymphNodeDGSTLib.demo import phantom as phantom_module
+from LymphNodeDGSTLib.demo.phantom import nodes as phantom_nodes
 from LymphNodeDGSTLib.errors import UserInputError
-from LymphNodeDGSTLib.demo.phantom import (
-    BONE_TISSUES,
-    NODE_MARGIN_MM,
-    SITE_PROFILES,
-    VESSEL_TISSUES,
-    Phantom,
-    Tissue,
-    generate_phantom,
-    write_phantoms,
-)
+from LymphNodeDGSTLib.demo.phantom.sites import BONE_TISSUES, SITE_PROFILES, VESSEL_TISSUES, Tissue
+from LymphNodeDGSTLib.demo.phantom.nodes import NODE_MARGIN_MM
+from LymphNodeDGSTLib.demo.phantom import Phantom, generate_phantom, write_phantoms
 
 SEEDS = (0, 1, 2)
 
@@ -134,7 +128,7 @@ def test_node_count_sizes_and_necrosis_follow_the_profile(phantoms):
             assert np.allclose(np.asarray(node.axes) @ np.asarray(node.axes).T, np.eye(3), atol=1e-9)
             assert node.label_voxels >= 1
             if node.necrotic:
-                assert node.long_axis_mm >= phantom_module.NECROSIS_MIN_LONG_AXIS_MM
+                assert node.long_axis_mm >= phantom_nodes.NECROSIS_MIN_LONG_AXIS_MM
     assert not any(n.necrotic for (site, _), p in phantoms.items() if site == "A" for n in p.nodes)
     necrotic_b = [p for (site, _), p in phantoms.items() if site == "B" if any(n.necrotic for n in p.nodes)]
     assert necrotic_b, "site B should draw some necrotic nodes"

@@ -49,7 +49,7 @@ def test_failing_phantom_ranks_above_succeeding_one(tmp_path):
     tile. Catches (checked by hand): a score that ignores the maps (`score` returning a
     constant); also meant for a ranking in ascending order."""
     from LymphNodeDGSTLib.adaptation.metrics import image_dice
-    from LymphNodeDGSTLib.demo.bench_adapt import cropped
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import cropped
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
 

@@ -13,8 +13,9 @@ from torch import nn
 from conftest import make_ct
 from test_adapt import blob_case
 from test_checkpoint_install import nnunet_checkpoint
-from test_dgst import GAMMA, changed_mask, output_filters, record_plans, train, union_of
+from dgst_helpers import GAMMA, changed_mask, output_filters, record_plans, train, union_of
 from LymphNodeDGSTLib.adaptation import dgst
+from LymphNodeDGSTLib.adaptation.dgst import lora as dgst_lora
 from LymphNodeDGSTLib.engine.store import architectures
 
 SKIP_PROJECTION = ".skip.1.conv.weight"  # BasicBlockD's 1x1x1 projection (after the avg-pool)
@@ -62,14 +63,14 @@ def test_dgst_changes_at_most_gamma_entries_per_filter_in_every_residual_convolu
 @pytest.mark.parametrize("method", dgst.POLICY_NAMES)
 def test_every_method_trains_resenc_and_leaves_plain_loadable_weights(method):
     """Catches: a method that cannot handle the residual blocks (PEFT's own LoRA merge fails on the
-    1x1x1 skip projections: dgst._merge_by_convolution), or a merge leaving PEFT keys that stock
+    1x1x1 skip projections: dgst_lora._merge_by_convolution), or a merge leaving PEFT keys that stock
     nnU-Net could not load."""
     network = tiny_resenc()
     keys = list(network.state_dict())
     foundation = {k: v.clone() for k, v in network.state_dict().items()}
     policy = dgst.make_policy(method, network, gamma=GAMMA, warmup_steps=1, lora_rank=2)
     train(network, policy, 2)
-    weights = dgst.merged_state_dict(network) if method == "lora" else network.state_dict()
+    weights = dgst_lora.merged_state_dict(network) if method == "lora" else network.state_dict()
     assert list(weights) == keys
     plain = tiny_resenc(seed=1)
     plain.load_state_dict(weights, strict=True)

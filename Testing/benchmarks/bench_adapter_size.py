@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from LymphNodeDGSTLib.adaptation import dgst
+from LymphNodeDGSTLib.adaptation.dgst import lora as dgst_lora
+from LymphNodeDGSTLib.adaptation.dgst import masked_step as dgst_step
 from LymphNodeDGSTLib.adaptation.trainer import DEFAULT_LEARNING_RATES
 from LymphNodeDGSTLib.adaptation.weight_stats import weight_change_summary
 from LymphNodeDGSTLib.demo.demo_model import demo_spec
@@ -87,7 +89,7 @@ def adapt(plans: dict, dataset_json: dict, foundation: dict, method: str, iterat
     policy = dgst.make_policy(method, network, gamma=2, seed=0, warmup_steps=10)
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=DEFAULT_LEARNING_RATES[method],
                                 momentum=0.99, nesterov=True, weight_decay=3e-5)
-    stepper = dgst.MaskedStepper(policy, max_grad_norm=12.0)
+    stepper = dgst_step.MaskedStepper(policy, max_grad_norm=12.0)
     generator = torch.Generator().manual_seed(1)
     started = time.perf_counter()
     done = 0
@@ -103,7 +105,7 @@ def adapt(plans: dict, dataset_json: dict, foundation: dict, method: str, iterat
         if budget is not None and time.perf_counter() - started > budget:
             break
     seconds = time.perf_counter() - started
-    weights = dgst.merged_state_dict(network) if method == "lora" else snapshot_state(network.state_dict())
+    weights = dgst_lora.merged_state_dict(network) if method == "lora" else snapshot_state(network.state_dict())
     return weights, seconds, done
 
 

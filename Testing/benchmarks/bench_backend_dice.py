@@ -1,6 +1,6 @@
 """Accuracy guard for the inference backends: Dice of each backend's labels against torch fp32.
 
-The bundled demo model segments site-A and site-B phantoms (demo/phantom.py) and, with
+The bundled demo model segments site-A and site-B phantoms (demo/phantom/) and, with
 `--ct`, shared real CTs, once per backend through the whole segmenter (tiling, body crop,
 resampling). Dice is computed against the torch fp32 labels (and, for phantoms, the truth).
 

@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 from LymphNodeDGSTLib.adaptation import dgst
+from LymphNodeDGSTLib.adaptation.dgst import masked_step as dgst_step
+from LymphNodeDGSTLib.adaptation.dgst import policies as dgst_policies
+from LymphNodeDGSTLib.adaptation.dgst import selection as dgst_selection
 from LymphNodeDGSTLib.engine.store import architectures
 
 CPU_DEFAULT_PATCH = (40, 96, 96)  # the foundation's (40, 192, 192) takes ~70 s a step on 2 cores
@@ -86,7 +89,7 @@ class Setup:
         self.policy = dgst.make_policy(method, self.network, gamma=gamma)
         self.optimizer = torch.optim.SGD(self.policy.trainable_parameters(), lr=1e-3,
                                          momentum=0.99, nesterov=True, weight_decay=3e-5)
-        self.stepper = dgst.MaskedStepper(self.policy, max_grad_norm=12.0)
+        self.stepper = dgst_step.MaskedStepper(self.policy, max_grad_norm=12.0)
         self.use_amp = device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
 
@@ -127,7 +130,7 @@ class Setup:
             self.scaler.step(self.optimizer)
             self.scaler.update()
 
-    def masked_step(self) -> dgst.StepReport:
+    def masked_step(self) -> dgst_step.StepReport:
         report = self.stepper.step(self.optimizer, self.scaler)
         if self.scaler is not None:
             self.scaler.update()
@@ -182,7 +185,7 @@ def time_training(full: Setup, sparse: Setup, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # (b) Selection: top-k + threshold vs. full argsort + identity-matrix one-hot
 
-def naive_mask(gradient: torch.Tensor, layout: dgst.FilterLayout, gamma: int) -> torch.Tensor:
+def naive_mask(gradient: torch.Tensor, layout: dgst_selection.FilterLayout, gamma: int) -> torch.Tensor:
     """The authors' construction (on output filters): full sort, dense one-hot from an identity."""
     scores = layout.to_filters(gradient.abs())
     order = scores.argsort(dim=1, descending=True)[:, :gamma]
@@ -204,7 +207,7 @@ def median_seconds(function, device: torch.device, calls: int, budget_s: float |
     return statistics.median(times)
 
 
-def same_scores_selected(gradient: torch.Tensor, layout: dgst.FilterLayout, gamma: int,
+def same_scores_selected(gradient: torch.Tensor, layout: dgst_selection.FilterLayout, gamma: int,
                          mask_a: torch.Tensor, mask_b: torch.Tensor) -> bool:
     """Both masks pick the same |grad| values in every filter (they may differ only among ties)."""
     scores = layout.to_filters(gradient.abs())
@@ -256,7 +259,7 @@ def verify_bitwise(sparse: Setup) -> dict:
     plans = []
     original_plan = policy.plan
 
-    def recording_plan() -> dgst.StepPlan:
+    def recording_plan() -> dgst_policies.StepPlan:
         plan = original_plan()
         plans.append(plan)
         return plan

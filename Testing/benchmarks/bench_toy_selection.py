@@ -1,7 +1,7 @@
 """Toy comparison of the sparse selections where the convolutions must learn (seconds per run).
 
-A random-weight tiny nnU-Net (Testing/test_dgst.py's) learns an edge label on smoothed noise
-(test_dgst_method.edge_task): no per-channel affine gives it, so the convolutions must change.
+A random-weight tiny nnU-Net (Testing/dgst_helpers.py's) learns an edge label on smoothed noise
+(dgst_helpers.edge_task): no per-channel affine gives it, so the convolutions must change.
 Every method gets the product's optimiser (SGD momentum 0.99 Nesterov, weight decay 3e-5,
 clipping 12, PolyLR) for STEPS steps; the held-out loss and foreground Dice are paired over seeds.
 
@@ -19,9 +19,9 @@ import sys
 import torch
 
 from LymphNodeDGSTLib.adaptation import dgst
+from LymphNodeDGSTLib.adaptation.dgst import masked_step as dgst_step
 from LymphNodeDGSTLib.demo.bench_paired import format_interval, mean_interval
-from test_dgst import segmentation_loss, tiny_unet
-from test_dgst_method import edge_task
+from dgst_helpers import edge_task, segmentation_loss, tiny_unet
 
 STEPS = 60
 SPARSE = ("dgst", "dgst-ema", "dgst-split", "dgst-budget", "random")
@@ -32,7 +32,7 @@ def run(method: str, seed: int, selection_only: bool, lr: float, steps: int = ST
     policy = dgst.make_policy(method, network, gamma=2, seed=seed, selection_only=selection_only)
     optimizer = torch.optim.SGD(policy.optimizer_groups(), lr=lr, momentum=0.99, nesterov=True,
                                 weight_decay=3e-5)
-    stepper = dgst.MaskedStepper(policy, max_grad_norm=12.0)
+    stepper = dgst_step.MaskedStepper(policy, max_grad_norm=12.0)
     train, test = edge_task(seed), edge_task(1000 + seed, n=2)
     for step in range(steps):
         for group in optimizer.param_groups:

@@ -165,6 +165,8 @@ class SlicerSession:
         self.panel.setLayout(self.qt.QVBoxLayout())
         self.widget = getattr(self.python_module, f"{MODULE_NAME}Widget")(self.panel)
         self.widget.setup()
+        self.panel.resize(500, 1400)
+        self.panel.show()  # Slicer shows the module panel when the module is selected
         self.enter()
         return self.widget
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from LymphNodeDGSTLib.engine.store.architectures import checkpoint_dict
-from LymphNodeDGSTLib.adaptation.dgst import (POLICY_NAMES, SPARSE_POLICY_NAMES, MaskedStepper, make_policy,
-                                              merged_state_dict)
+from LymphNodeDGSTLib.adaptation.dgst import POLICY_NAMES, SPARSE_POLICY_NAMES, make_policy
+from LymphNodeDGSTLib.adaptation.dgst.masked_step import MaskedStepper
+from LymphNodeDGSTLib.adaptation.dgst.lora import merged_state_dict
 from LymphNodeDGSTLib.errors import Cancelled, UserInputError
 from LymphNodeDGSTLib.adaptation.nnunet_dataset import PreparedDataset, nnunet_folders
 from LymphNodeDGSTLib.adaptation.weight_stats import weight_change_summary

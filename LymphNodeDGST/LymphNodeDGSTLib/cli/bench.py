@@ -12,7 +12,7 @@ COMMAND = "bench"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from LymphNodeDGSTLib.demo.bench_adapt import METHODS
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import METHODS
 
     bench = commands.add_parser("bench", help="benchmarks (adapt: DGST against the comparison methods)")
     benchmarks = bench.add_subparsers(dest="bench_command", parser_class=type(bench))
@@ -57,7 +57,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.demo.bench_adapt import BenchConfig, report_from_runs, run_benchmark, smoke_config
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import BenchConfig, smoke_config
+    from LymphNodeDGSTLib.demo.bench_adapt import report_from_runs, run_benchmark
 
     if args.bench_command == "select":
         from LymphNodeDGSTLib.cli import bench_select

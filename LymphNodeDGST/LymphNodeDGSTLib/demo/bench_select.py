@@ -31,9 +31,10 @@ from typing import Callable
 
 import numpy as np
 
-from LymphNodeDGSTLib.demo.bench_adapt import (PHANTOM_TARGET, SITE_B_POOL_SEED, SITE_B_TEST_SEED,
-                                               CaseFile, RunSpec, benchmark_foundation, open_output,
-                                               read_rows, run_in_child, write_phantom_case)
+from LymphNodeDGSTLib.demo.bench_adapt.plan import (PHANTOM_TARGET, SITE_B_POOL_SEED, SITE_B_TEST_SEED, CaseFile, RunSpec, write_phantom_case)
+from LymphNodeDGSTLib.demo.bench_adapt import benchmark_foundation, open_output
+from LymphNodeDGSTLib.demo.bench_adapt.tables import read_rows
+from LymphNodeDGSTLib.demo.bench_adapt.runs import run_in_child
 from LymphNodeDGSTLib.errors import UserInputError
 
 TABLE_FILE, RESULTS_FILE = "results.md", "results.json"   # runs.jsonl and config.json: bench_adapt.open_output

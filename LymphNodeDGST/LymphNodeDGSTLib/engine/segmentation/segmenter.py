@@ -75,6 +75,9 @@ def _make_predictor_class():
         tiles_all = 0   # tiles of the whole-image tiling
         tiles_run = 0   # of those, the tiles that run (all, or those overlapping tile_region)
         _tiles_done = 0
+        # The hook for other passes over the same tiles (the uncertainty pass): replaces nnU-Net's
+        # mirrored per-tile prediction; called as tile_pass(predictor, tile).
+        tile_pass: Callable | None = None
 
         def _internal_get_sliding_window_slicers(self, image_size):
             slicers = super()._internal_get_sliding_window_slicers(image_size)
@@ -87,13 +90,28 @@ def _make_predictor_class():
         def _internal_maybe_mirror_and_predict(self, x):
             if self.cancel_event is not None and self.cancel_event.is_set():
                 raise Cancelled("segmentation cancelled")
-            prediction = super()._internal_maybe_mirror_and_predict(x)
+            if self.tile_pass is not None:
+                prediction = self.tile_pass(self, x)
+            else:
+                prediction = super()._internal_maybe_mirror_and_predict(x)
             self._tiles_done += 1
             if self.progress is not None:
                 self.progress("predict", self._tiles_done, self.tiles_run)
             return prediction
 
     return ReportingPredictor
+
+
+class _WithExtraChannels:
+    """A label manager reporting more output channels than it segments, so nnU-Net's sliding window
+    allocates and stitches what a tile pass adds beside the logits."""
+
+    def __init__(self, base, extra: int):
+        self._base = base
+        self.num_segmentation_heads = base.num_segmentation_heads + extra
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
 
 
 class Segmenter:
@@ -169,7 +187,8 @@ class Segmenter:
 
     @contextlib.contextmanager
     def _running(self, predictor, fast: bool, progress: ProgressCallback | None,
-                 cancel_event: threading.Event | None):
+                 cancel_event: threading.Event | None, doing: str = "segmenting",
+                 advice: str = "try --fast, or --device cpu"):
         """The predictor set up for one run (mirroring, progress, cancel); out of memory becomes
         OutOfMemory with advice; the callbacks are dropped afterwards."""
         predictor.use_mirroring = not fast
@@ -178,8 +197,7 @@ class Segmenter:
             yield
         except torch.OutOfMemoryError:
             _release_memory(self.device)
-            raise OutOfMemory(f"out of memory on {self.device} while segmenting; try --fast, "
-                              "or --device cpu") from None
+            raise OutOfMemory(f"out of memory on {self.device} while {doing}; {advice}") from None
         finally:
             predictor.progress = predictor.cancel_event = None
 
@@ -229,22 +247,7 @@ class Segmenter:
         data, properties = preprocessed
         if progress:
             progress("preprocess", 1, 1)
-        body_fraction = None
-        if box is not None:
-            predictor.tile_region = box_in_preprocessed_grid(
-                box, properties, predictor.plans_manager.transpose_forward, data.shape[1:])
-            predictor.tile_region_shape = data.shape[1:]
-        try:
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
-        finally:
-            predictor.tile_region = predictor.tile_region_shape = None
-        if box is not None:
-            body_fraction = predictor.tiles_run / max(predictor.tiles_all, 1)
-            # voxels no kept tile covers are 0/0: make them certain background
-            with torch.inference_mode():  # the logits are inference tensors
-                uncovered = torch.isnan(logits[0])
-                logits[:, uncovered] = background_logits(logits.shape[0], logits.dtype,
-                                                         predictor.label_manager.has_regions)
+        logits, body_fraction = self.tile_logits(predictor, data, properties, box)
         del data
         if progress:
             progress("resample", 0, 1)
@@ -258,6 +261,37 @@ class Segmenter:
         if progress:
             progress("resample", 1, 1)
         return label, body_fraction
+
+    @staticmethod
+    def tile_logits(predictor, data: np.ndarray, properties: dict, box: BodyBox | None,
+                    tile_pass: Callable | None = None, extra_channels: int = 0) -> tuple[torch.Tensor, float | None]:
+        """The network over nnU-Net's own whole-image tiling of preprocessed `data`, only on the
+        tiles that overlap the body box, so every voxel inside the box gets exactly the logits the
+        uncropped run gives it; voxels no kept tile covers are certain background. `tile_pass`
+        (with `extra_channels` it adds after the logits) replaces the per-tile prediction: the
+        uncertainty pass's hook. (logits, share of the tiles that ran, or None without a box)."""
+        labels = predictor.label_manager
+        if box is not None:
+            predictor.tile_region = box_in_preprocessed_grid(
+                box, properties, predictor.plans_manager.transpose_forward, data.shape[1:])
+            predictor.tile_region_shape = data.shape[1:]
+        if extra_channels:  # nnU-Net sizes its stitching buffer by the label manager's heads
+            predictor.label_manager = _WithExtraChannels(labels, extra_channels)
+        predictor.tile_pass = tile_pass
+        try:
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        finally:
+            predictor.tile_region = predictor.tile_region_shape = predictor.tile_pass = None
+            predictor.label_manager = labels
+        body_fraction = None
+        if box is not None:
+            body_fraction = predictor.tiles_run / max(predictor.tiles_all, 1)
+            heads = labels.num_segmentation_heads
+            with torch.inference_mode():  # the logits are inference tensors
+                uncovered = torch.isnan(logits[0])
+                logits[:heads, uncovered] = background_logits(heads, logits.dtype, labels.has_regions)
+                logits[heads:, uncovered] = 0
+        return logits, body_fraction
 
     def _predictor_for(self, version: ModelVersion, progress: ProgressCallback | None):
         if self._loaded is not None and self._loaded.path == version.path:

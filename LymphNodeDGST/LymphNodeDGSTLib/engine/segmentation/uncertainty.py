@@ -33,9 +33,7 @@ from scipy import ndimage
 
 from LymphNodeDGSTLib.engine.segmentation.body_crop import find_body_box
 from LymphNodeDGSTLib.engine.images.files import ct_range_warning
-from LymphNodeDGSTLib.engine.segmentation.segmenter import (ProgressCallback, Segmenter, background_logits,
-                                               box_in_preprocessed_grid)
-from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory
+from LymphNodeDGSTLib.engine.segmentation.segmenter import ProgressCallback, Segmenter, preprocess_case
 
 NEAR_MISS_P = 0.25      # node probability from which a voxel is a near miss
 ROI_GROW_VOXELS = 2     # the ROI is grown by this many voxels (26-neighbourhood) around nodes
@@ -93,50 +91,23 @@ class UncertaintyResult:
                 "seconds": round(self.seconds, 2), "warnings": self.warnings}
 
 
-class _ExtraChannels:
-    """A label manager that reports one more output channel, so nnU-Net's sliding window
-    allocates and stitches the disagreement map beside the logits."""
-
-    def __init__(self, base):
-        self._base = base
-        self.num_segmentation_heads = base.num_segmentation_heads + 1
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _uncertainty_class(base: type) -> type:
-    """A subclass of the segmenter's predictor class whose tile prediction returns the mirrored
-    average (computed in nnU-Net's own order, so bitwise the same) plus a disagreement channel."""
-    if base in _CLASSES:
-        return _CLASSES[base]
-
-    class UncertaintyPredictor(base):
-        @torch.inference_mode()
-        def _internal_maybe_mirror_and_predict(self, x):
-            if self.cancel_event is not None and self.cancel_event.is_set():
-                raise Cancelled("uncertainty pass cancelled")
-            axes = [a + 2 for a in (self.allowed_mirroring_axes or ())]
-            combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-            first = self.network(x)
-            prediction = first.clone()
-            foreground = [_foreground_probability(first, self.label_manager.has_regions)]
-            for flip in combinations:
-                mirrored = torch.flip(self.network(torch.flip(x, flip)), flip)
-                prediction += mirrored
-                foreground.append(_foreground_probability(mirrored, self.label_manager.has_regions))
-            prediction /= (len(combinations) + 1)
-            spread = torch.stack(foreground).std(dim=0, unbiased=False)[:, None]
-            self._tiles_done += 1
-            if self.progress is not None:
-                self.progress("predict", self._tiles_done, self.tiles_run)
-            return torch.cat([prediction, spread.to(prediction.dtype)], dim=1)
-
-    _CLASSES[base] = UncertaintyPredictor
-    return UncertaintyPredictor
+def _mirrored_with_disagreement(predictor, x: torch.Tensor) -> torch.Tensor:
+    """The segmenter's tile pass for uncertainty: the mirrored average (computed in nnU-Net's own
+    order, so bitwise the same) plus one channel, the spread of the foreground probability over
+    the mirrors."""
+    axes = [a + 2 for a in (predictor.allowed_mirroring_axes or ())]
+    combinations = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+    regions = predictor.label_manager.has_regions
+    first = predictor.network(x)
+    prediction = first.clone()
+    foreground = [_foreground_probability(first, regions)]
+    for flip in combinations:
+        mirrored = torch.flip(predictor.network(torch.flip(x, flip)), flip)
+        prediction += mirrored
+        foreground.append(_foreground_probability(mirrored, regions))
+    prediction /= (len(combinations) + 1)
+    spread = torch.stack(foreground).std(dim=0, unbiased=False)[:, None]
+    return torch.cat([prediction, spread.to(prediction.dtype)], dim=1)
 
 
 def _foreground_probability(logits: torch.Tensor, regions: bool) -> torch.Tensor:
@@ -157,19 +128,8 @@ def segment_with_uncertainty(segmenter: Segmenter, image: sitk.Image, model=None
     version = segmenter._resolve(model)
     predictor = segmenter._predictor_for(version, progress)
     box = find_body_box(array, spacing_zyx) if crop_body else None
-    original_class, original_labels = predictor.__class__, predictor.label_manager
-    predictor.__class__ = _uncertainty_class(original_class)
-    predictor.use_mirroring = True
-    predictor.progress, predictor.cancel_event = progress, cancel_event
-    try:
-        label, entropy, disagreement = _predict_maps(predictor, original_labels, array, spacing_zyx,
-                                                     box, progress)
-    except torch.OutOfMemoryError:
-        raise OutOfMemory(f"out of memory on {segmenter.device} while scoring uncertainty; "
-                          "try --device cpu") from None
-    finally:
-        predictor.__class__, predictor.label_manager = original_class, original_labels
-        predictor.progress = predictor.cancel_event = None
+    with segmenter._running(predictor, False, progress, cancel_event, "scoring uncertainty", "try --device cpu"):
+        label, entropy, disagreement = _predict_maps(predictor, array, spacing_zyx, box, progress)
     mirrors = 2 ** len(predictor.allowed_mirroring_axes or ())
     label_image = sitk.GetImageFromArray(label)
     label_image.CopyInformation(image)
@@ -178,37 +138,22 @@ def segment_with_uncertainty(segmenter: Segmenter, image: sitk.Image, model=None
                              time.perf_counter() - started, mirrors, warnings)
 
 
-def _predict_maps(predictor, labels, array_zyx: np.ndarray, spacing_zyx: Sequence[float], box,
+def _predict_maps(predictor, array_zyx: np.ndarray, spacing_zyx: Sequence[float], box,
                   progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """As `Segmenter._predict`, with the disagreement channel carried through tiling and
+    """The segmenter's tiling with the disagreement channel carried through it and through
     resampling; label (uint8), entropy and disagreement (float32) on the input grid."""
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 
     if progress:
         progress("preprocess", 0, 1)
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case_npy(
-        array_zyx[None].astype(np.float32, copy=False), None, {"spacing": list(spacing_zyx)},
-        predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+    data, properties = preprocess_case(predictor, array_zyx, spacing_zyx)
     if progress:
         progress("preprocess", 1, 1)
-    if box is not None:
-        predictor.tile_region = box_in_preprocessed_grid(
-            box, properties, predictor.plans_manager.transpose_forward, data.shape[1:])
-        predictor.tile_region_shape = data.shape[1:]
-    predictor.label_manager = _ExtraChannels(labels)
-    try:
-        stacked = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
-    finally:
-        predictor.label_manager = labels
-        predictor.tile_region = predictor.tile_region_shape = None
+    labels = predictor.label_manager
+    stacked, _ = Segmenter.tile_logits(predictor, data, properties, box,
+                                       tile_pass=_mirrored_with_disagreement, extra_channels=1)
     del data
     channels = labels.num_segmentation_heads
-    with torch.inference_mode():
-        uncovered = torch.isnan(stacked[0])
-        if uncovered.any():
-            stacked[:channels, uncovered] = background_logits(channels, stacked.dtype, labels.has_regions)
-            stacked[channels, uncovered] = 0
     if progress:
         progress("resample", 0, 1)
     plans, configuration = predictor.plans_manager, predictor.configuration_manager
