@@ -175,8 +175,8 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self.machine.job_kind == "segment" and "volume" in self.jobContext:
             # its CT leaves the scene with the rest: the result would have nowhere to go
+            self.jobContext["sceneClosed"] = True
             self.cancelJob()
-            self.ui.segmentStatusLabel.text = _("Segmentation cancelled: the scene was closed.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -578,7 +578,9 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         context, self.jobContext, self.follower = self.jobContext, {}, None
         self.machine.finish()
         try:
-            if summary.state == "done" and "folder" in context:
+            if context.get("sceneClosed"):
+                self.ui.segmentStatusLabel.text = _("Segmentation cancelled: the scene was closed.")
+            elif summary.state == "done" and "folder" in context:
                 self.ui.segmentStatusLabel.text = folder_result_text(summary.result)
             elif summary.state == "done" and kind == "segment":
                 self.showSegmentation(context, summary.result)

@@ -30,6 +30,7 @@ if XDIST_WORKERS > 1:
 # runs the many short tests meanwhile instead of waiting for one long test at the end. Only the
 # order changes (longest first); every test still runs.
 LONG_TESTS = (
+    "test_slicer_module_runs.py::test_the_workflow_through_the_panels_widgets",
     "test_demo.py::test_shortened_demo_runs_the_whole_loop",
     "test_adapt.py::test_adapt_wait_publishes_a_better_version_with_report_and_figure",
     "test_segment.py::test_body_crop_matches_uncropped_run_inside_the_body",

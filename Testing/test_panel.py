@@ -144,6 +144,45 @@ def test_blockers_disable_the_buttons_and_say_why():
 
 
 # --------------------------------------------------------------------------- following jobs
+def test_follower_reads_the_events_file_incrementally(manager, monkeypatch):
+    """Issue 22, defect 6. Catches the poll re-reading the whole events.ndjson every 500 ms (a
+    long adaptation writes thousands of lines): after the first poll, every read starts where the
+    last one stopped."""
+    from LymphNodeDGSTLib.jobs import manager as manager_module
+
+    reads = []
+    real = manager_module.read_events
+
+    def recording(path, offset=0):
+        reads.append(offset)
+        return real(path, offset)
+
+    monkeypatch.setattr(manager_module, "read_events", recording)
+    job = manager.submit("test_panel:fake_training", {"epochs": 3, "per_epoch": 10}, env=TEST_ENV)
+    follower = job_following.JobFollower(manager, job.id)
+    reads.clear()  # from here on: the panel's polls only
+    events, summaries = follow_to_end(follower)
+    assert summaries[-1].state == "done" and len(summaries) > 3 and len(events) > 10
+    assert len(reads) == len(summaries)  # one read per poll, none of the whole file besides
+    assert reads == sorted(reads) and reads[-1] > 0  # each read starts where the last one stopped
+
+
+def test_follower_ends_once_when_the_events_cannot_be_read(manager):
+    """Issue 22, defect 7. Catches an OSError (events.ndjson replaced by a folder, a disk gone)
+    escaping the poll at every tick: the job ends as failed, once, with the reason."""
+    job = manager.submit("test_panel:fake_training", {"epochs": 1, "per_epoch": 200, "interval": 0.05},
+                         env=TEST_ENV)
+    follower = job_following.JobFollower(manager, job.id)
+    follower.poll()
+    manager.cancel(job.id)
+    events = job.folder / "events.ndjson"
+    events.unlink()
+    events.mkdir()
+    events_seen, summary = follower.poll()
+    assert summary.finished and summary.state == "failed" and "cannot read" in summary.error
+    assert events_seen == []
+
+
 def test_follower_gives_progress_eta_loss_and_the_live_curve(manager):
     job = manager.submit("test_panel:fake_training", {"epochs": 3, "per_epoch": 4}, env=TEST_ENV)
     follower = job_following.JobFollower(manager, job.id)

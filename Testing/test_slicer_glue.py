@@ -175,7 +175,7 @@ def test_the_module_uses_no_re_raising_error_display_and_no_wait_cursor_over_a_d
     adapt = next(f for f in ast.walk(MODULE_TREE) if isinstance(f, ast.FunctionDef) and f.name == "onAdapt")
     order = [ast.unparse(c.func) for c in sorted((c for c in ast.walk(adapt) if isinstance(c, ast.Call)),
                                                  key=lambda c: (c.lineno, c.col_offset))]
-    assert order.index("self.ensureLoraPackage") < order.index("self.logic.startAdaptation")
+    assert order.index("self.ensureLoraPackage") < order.index("self.logic.core.startAdaptation")
 
 
 # --------------------------------------------------------------------------- self-test

@@ -238,3 +238,60 @@ def test_the_workflow_through_the_panels_widgets(session, tmp_path):
     assert not widget.timer.isActive() and not widget.rankTimer.isActive() and not widget.deviceTimer.isActive()
     assert widget.Observations == []
     session.wait_until(lambda: not our_processes(), 30, "our worker processes to end")
+
+
+def test_the_install_button_is_not_reentrant(session, monkeypatch):
+    """Defect 9. Catches a second installation started from inside the first: pip and
+    PyTorchUtils process Qt events while they run, so a second click on the (still enabled)
+    button ran the whole installation again inside the first."""
+    import types
+
+    widget = session.open_module()
+    module = session.python_module
+    runs = []
+
+    def plan():
+        return types.SimpleNamespace(ready=False, blocker=lambda: None, status_text=lambda: "missing: nnunetv2",
+                                     confirmation_text=lambda: "Install?", install_torch=False)
+
+    def run_installation(plan, install_torch, run_pip, constraints):
+        runs.append(widget.ui.installDependenciesButton.enabled)
+        widget.ui.installDependenciesButton.click()  # what a user's second click does meanwhile
+        session.process_events()
+        return types.SimpleNamespace(failure=None, ok=True)
+
+    monkeypatch.setattr(module.LymphNodeDGSTWidget, "installPlan", staticmethod(plan))
+    monkeypatch.setattr(module.dependencies, "run_installation", run_installation)
+    # the user answers OK (Slicer's util in testing mode answers `True == QMessageBox.Ok`: False)
+    monkeypatch.setattr(session.slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True)
+    widget.checkDependencies()
+    assert widget.ui.installDependenciesButton.enabled
+    widget.ui.installDependenciesButton.click()
+    assert runs == [False]  # one installation, with the button disabled while it ran
+    assert widget.ui.installDependenciesButton.enabled  # enabled again: the plan is still not ready
+
+
+def test_module_declares_the_modules_it_uses(session):
+    """Defect 11. Catches `dependencies = []` while the module calls slicer.modules.markups and
+    embeds the Segmentations module's Segment Editor widget."""
+    session.open_module()
+    assert {"Markups", "Segmentations"} <= set(session.module_parent.dependencies)
+
+
+def test_scene_close_during_a_segmentation_cancels_it(session):
+    """Defect 4. Catches the poll going on after Slicer's template set the parameter node to None
+    on scene close, and showSegmentation dereferencing it (or a volume no longer in the scene)."""
+    from LymphNodeDGSTLib.engine.store.models import ModelStore
+    from LymphNodeDGSTLib.demo.demo_archive import locate_demo_model
+
+    ModelStore(session.home / "models").install(locate_demo_model(), show_progress=False)
+    widget = session.open_module()
+    volume, _ = add_phantom(session, 11)
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    session.click(widget.ui.applyButton)
+    assert widget.machine.job_kind == "segment"
+    session.scene.Clear(0)
+    session.wait_until(lambda: widget.machine.job_kind is None, 60, "the segmentation to end")
+    assert "scene was closed" in widget.ui.segmentStatusLabel.text
+    assert session.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert not session.messages.errors(), session.messages.errors()

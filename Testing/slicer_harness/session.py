@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -107,6 +108,13 @@ class SlicerSession:
             "slicer.parameterNodeWrapper", SLICER_PYTHON / "parameterNodeWrapper" / "__init__.py", package=True))
         logging.getLogger().addHandler(self.messages)
         logging.getLogger().setLevel(logging.INFO)
+        # An exception in a slot (a button's, a QTimer's) does not reach the caller: PySide6 hands
+        # it to sys.excepthook, as PythonQt prints it in Slicer. Kept here, it fails the test at
+        # the next processing of events.
+        self.slot_errors: list[str] = []
+        self._saved_excepthook = sys.excepthook
+        sys.excepthook = lambda kind, error, trace: self.slot_errors.append(
+            "".join(traceback.format_exception(kind, error, trace)))
         return self
 
     def _load_real(self, name: str, path: Path, package: bool = False) -> types.ModuleType:
@@ -127,14 +135,20 @@ class SlicerSession:
 
     def close(self) -> None:
         """Unload the module as Slicer does at exit (cleanup), then take our parts out again."""
-        if self.widget is not None:
-            self.application.moduleManager().moduleAboutToBeUnloaded.emit(MODULE_NAME)
-            self.widget = None
-        if self.panel is not None:
-            self.panel.deleteLater()
-            self.panel = None
-        self.process_events()
+        try:
+            if self.widget is not None:
+                self.application.moduleManager().moduleAboutToBeUnloaded.emit(MODULE_NAME)
+                self.widget = None
+            if self.panel is not None:
+                self.panel.deleteLater()
+                self.panel = None
+            self.process_events()
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
         logging.getLogger().removeHandler(self.messages)
+        sys.excepthook = self._saved_excepthook
         for name in [n for n in sys.modules if n.startswith("slicer.parameterNodeWrapper.")]:
             self._saved_modules.setdefault(name, None)
         for name, saved in self._saved_modules.items():
@@ -148,6 +162,7 @@ class SlicerSession:
                     delattr(self.slicer, name)
             else:
                 setattr(self.slicer, name, saved)
+        self._saved_modules, self._saved_slicer_attributes = {}, {}
         sys.modules.pop(MODULE_NAME, None)
 
     # ------------------------------------------------------------------ the module
@@ -183,6 +198,8 @@ class SlicerSession:
         deadline = time.monotonic() + seconds
         while True:
             self.app.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 50)
+            if self.slot_errors:
+                raise AssertionError("an exception in a Qt slot:\n" + self.slot_errors.pop(0))
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.02)

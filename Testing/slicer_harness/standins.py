@@ -363,5 +363,8 @@ class Application(PythonQtConventions, QtCore.QObject):
     def mainWindow(self):
         return None  # no main window: Slicer's util then logs messages without a parent window
 
+    def layoutManager(self):
+        return None  # no views without a main window (as Slicer with --no-main-window): nothing to fit
+
     def commandOptions(self):
         return types.SimpleNamespace(noMainWindow=True)
