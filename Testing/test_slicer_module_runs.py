@@ -194,7 +194,7 @@ def test_the_workflow_through_the_panels_widgets(session, tmp_path):
     rank = widget.rankUi
     session.click(rank.rankLoadedButton)
     session.wait_until(lambda: rank.rankTableWidget.rowCount == 3 and rank.rankLoadedButton.text != "Cancel ranking",
-                       300, "the ranking table")
+                       900, "the ranking table")
     scores = [cell(rank.rankTableWidget, r, 2) for r in range(3)]
     assert all(float(s) >= 0 for s in scores), scores
     rank.rankTableWidget.cellDoubleClicked.emit(0, 1)
