@@ -3,7 +3,6 @@ non-finite stops and publishes nothing (issue 12, data loss 6)."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -77,16 +76,16 @@ def test_non_finite_weights_are_never_written():
 def test_a_run_whose_loss_turns_nan_stops_at_once_and_publishes_nothing(one_case_home, tiny_model_folder,
                                                                         tmp_path):
     """A parent with one NaN weight makes the loss NaN at the first iteration. Catches a loop
-    that trains on (the run ended only after all iterations) and publication of NaN weights."""
-    poisoned = tmp_path / "poisoned"
-    shutil.copytree(tiny_model_folder, poisoned)
-    checkpoint_path = poisoned / "fold_0" / "checkpoint_final.pth"
+    that trains on (the run ended only after all iterations) and publication of NaN weights.
+    (Installs refuse non-finite weights since issue 26: the installed checkpoint is damaged on disk
+    afterwards, as a disk or a hand could.)"""
+    store = ModelStore(one_case_home.models)
+    version = store.install(tiny_model_folder, name="poisoned", show_progress=False)
+    checkpoint_path = version.path / "fold_0" / "checkpoint_final.pth"
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     name = next(k for k, v in checkpoint["network_weights"].items() if v.dim() == 5)
     checkpoint["network_weights"][name].view(-1)[0] = float("nan")
     torch.save(checkpoint, checkpoint_path)
-    store = ModelStore(one_case_home.models)
-    store.install(poisoned, name="poisoned", show_progress=False)
     CaseLibrary(one_case_home.cases).add(*blob_case(1))
     before = tree_snapshot(one_case_home.models)
     job_folder = tmp_path / "job"

@@ -19,7 +19,7 @@ Protocol (one for all methods; docs/benchmarks.md gives the reasons):
 - Each finished run is appended to runs.jsonl at once, so an interrupted benchmark keeps what it
   measured (and `resume` skips it next time); tables, figure and results.json come at the end.
 
-The child process entry point is `python -m LymphNodeDGSTLib.demo.bench_adapt RUN_SPEC.json`.
+The child process entry point is `python -m LymphNodeDGSTLib.demo.bench_adapt.runs RUN_SPEC.json`.
 """
 
 from __future__ import annotations
