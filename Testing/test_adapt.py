@@ -120,12 +120,12 @@ def test_adapt_wait_publishes_a_better_version_with_report_and_figure(site_b_hom
     segmenter.segment(probe, fast=True)
     assert segmenter.loaded_version.ref == "lymphnode-demo@1"
 
-    result = run_cli("adapt", "--method", "dgst", "--iterations", "40", "--iterations-per-epoch", "20",
-                     "--lr", "0.01", "--wait", home=site_b_home.root)
+    result = run_cli("adapt", "--method", "dgst", "--iterations", "20", "--iterations-per-epoch", "10",
+                     "--lr", "0.02", "--wait", home=site_b_home.root)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["version"] == "lymphnode-demo@2" and summary["parent"] == "lymphnode-demo@1"
-    assert summary["dice_after"] > summary["dice_before"] + 0.1, summary  # seen: 0.585 -> 0.870
+    assert summary["dice_after"] > summary["dice_before"] + 0.1, summary  # seen: 0.585 -> 0.853
     assert summary["activated"] and store.active_version("lymphnode-demo") == 2
 
     version = store.resolve("lymphnode-demo@2")
@@ -137,7 +137,7 @@ def test_adapt_wait_publishes_a_better_version_with_report_and_figure(site_b_hom
     assert {"before", "after", "case"} <= set(report["per_case"][0])
     assert (version.path / "adaptation_report.png").read_bytes()[:4] == b"\x89PNG"
     stats = json.loads((version.path / "adaptation_stats.json").read_text())
-    assert len(stats["entries_updated_per_iteration"]) == 40
+    assert len(stats["entries_updated_per_iteration"]) == 20
     assert version.metadata["parent"] == 1 and version.metadata["method"] == "dgst"
 
     job = JobManager(site_b_home.jobs).list()[0]
