@@ -54,6 +54,7 @@ GROUPED_MODULES = ("test_bench_adapt.py", "test_ddp_adapt.py", "test_phantom.py"
                    "test_site_adapters.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # xdist's own hook turns the markers into the groups it schedules by
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         name = item.nodeid.split("/")[-1]

@@ -28,7 +28,7 @@ def table_rows(markdown: str, header_starts: str) -> tuple[list[str], list[dict]
     return columns, rows
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaves modules (re-ran it)
 def smoke_run(tmp_path_factory) -> tuple[Path, str]:
     """`lndgst bench adapt --smoke` with no shared data (so the real-label part must be skipped)."""
     import os

@@ -21,7 +21,7 @@ from LymphNodeDGSTLib.errors import UserInputError
 GAMMA, ITERATIONS = 2, 3
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaves modules (re-ran it)
 def two_rank_run(tiny_model_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     cases = []

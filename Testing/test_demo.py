@@ -37,12 +37,22 @@ def test_demo_model_segments_an_unseen_site_a_phantom(tmp_path):
 
 
 @pytest.mark.slow
-def test_shortened_demo_runs_the_whole_loop(tmp_path, capsys):
+def test_shortened_demo_runs_the_whole_loop(tmp_path, capsys, monkeypatch):
+    import LymphNodeDGSTLib.demo.phantom as phantom_module
+    from dataclasses import replace
+
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import cropped
     from LymphNodeDGSTLib.demo.run_demo import run_demo
 
+    def centre_slab(site: str, seed: int):
+        whole = generate_phantom(site, seed)
+        return replace(whole, image=cropped(whole.image, (32, 128, 128)), label=cropped(whole.label, (32, 128, 128)))
+
+    # every step of the loop at its smallest: centre slabs of the phantoms (each segmentation a few
+    # tiles; `make demo` runs the whole phantoms), one corrected case (also the evaluation case:
+    # none can be held out), two iterations, one unseen test phantom
+    monkeypatch.setattr(phantom_module, "generate_phantom", centre_slab)
     output = tmp_path / "demo"
-    # every step of the loop at its smallest: one corrected case (also the evaluation case: none
-    # can be held out), two iterations, one unseen test phantom
     assert run_demo(Home(tmp_path / "unused"), output, device="cpu", iterations=2, cases=1, tests=1) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"dice_before=\d\.\d{3} dice_after=\d\.\d{3}", lines[-1]), lines[-1]

@@ -7,6 +7,7 @@ up by hiding an import in a function body.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def layer_of(name: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "(root)"
 
 
+@functools.cache  # parsed once per process, not once per parametrized case
 def graph() -> dict[str, set[str]]:
     known = module_names()
     return {name: imports_of(path, name, known) for name, path in known.items()}

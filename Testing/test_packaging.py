@@ -212,7 +212,7 @@ def _configure_with_fake_slicer(tmp_path: Path) -> dict[str, list[str]]:
     return recorded
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaves modules (re-ran it)
 def configured(tmp_path_factory) -> dict[str, list[str]]:
     return _configure_with_fake_slicer(tmp_path_factory.mktemp("cmake"))
 

@@ -20,7 +20,7 @@ from LymphNodeDGSTLib.demo.phantom import Phantom, generate_phantom, write_phant
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaves modules (re-ran it)
 def phantoms() -> dict[tuple[str, int], Phantom]:
     return {(site, seed): generate_phantom(site, seed) for site in SITE_PROFILES for seed in SEEDS}
 
@@ -261,3 +261,12 @@ def test_site_c_nodes_are_rim_enhancing_flat_rings_brighter_than_muscle(phantoms
         assert all(low <= node.necrosis_scale <= high for node in p.nodes)
         assert wall > muscle + 40.0
         assert centre.mean() < muscle
+
+
+def test_this_module_runs_as_one_xdist_group(request):
+    """Catches --dist loadgroup silently not grouping (pytest 9.2 with pytest-xdist 3.8): the
+    grouped modules' session fixtures (a benchmark run, a DDP run, the phantoms) then ran once per
+    worker. Under loadgroup xdist tags a grouped test's node id with "@group"."""
+    if getattr(request.config.option, "loadgroup", False):  # set on xdist's workers
+        assert request.node.nodeid.endswith("@test_phantom.py"), request.node.nodeid
+

@@ -36,7 +36,7 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(torch.int32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaves modules (re-ran it)
 def site_a(tmp_path_factory, tiny_model_folder) -> tuple[Path, dict, Path]:
     """Home of site A: the foundation as `foundation@1`, a sparse adaptation of it as @2, and
     @2 exported as an adapter (in-process; the command line is tested below)."""

@@ -75,7 +75,7 @@ def test_open_enter_leave_and_clean_up(session):
 
 
 # --------------------------------------------------------------------------- the workflow
-PHANTOM_CROP_ZYX = (32, 96, 96)  # a neck slab with nodes: one network tile, so each job takes seconds
+PHANTOM_CROP_ZYX = (32, 80, 80)  # a neck slab with nodes: one network tile at the demo model's spacing
 
 
 def add_phantom(session, seed: int, site: str = "B"):
