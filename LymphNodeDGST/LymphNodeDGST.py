@@ -28,6 +28,7 @@ from LymphNodeDGSTLib.slicer_bridge.reporting import reported
 from LymphNodeDGSTLib.slicer_bridge.module_logic import ModuleLogic
 from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_METHOD
 from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS
+from LymphNodeDGSTLib.engine.segmentation.backends.decision import backend_line
 from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES
 from LymphNodeDGSTLib.slicer_bridge.environment import home_from_setting, worker_python
 from LymphNodeDGSTLib.slicer_bridge.folder_segmentation import folder_result_text, submit_folder_segmentation
@@ -452,8 +453,10 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.fillTable(self.ui.nodesTableWidget, node_table_cells(self.nodeRows))
         self.segmentEditorWidget.setSegmentationNode(segmentation)
         self.segmentEditorWidget.setSourceVolumeNode(volume)
-        self.ui.segmentStatusLabel.text = _("{n} node(s) found with {model} on {device} in {seconds} s.").format(
-            n=len(self.nodeRows), model=result["model"], device=result["device"], seconds=f"{result['seconds']:.0f}")
+        self.ui.segmentStatusLabel.text = _("{n} node(s) found with {model} on {device} ({backend}) in {seconds} s.").format(
+            n=len(self.nodeRows), model=result["model"], device=result["device"],
+            backend=backend_line(result.get("backend", "torch"), result.get("backend_detail")),
+            seconds=f"{result['seconds']:.0f}")
 
     def onNodeClicked(self, row, column):
         if 0 <= row < len(self.nodeRows):

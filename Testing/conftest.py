@@ -18,6 +18,9 @@ SHARED_DATA = Path(os.environ.get("LNDGST_SHARED_DATA", REPO.parent / "shared" /
 
 os.environ.setdefault("nnUNet_n_proc_DA", "0")
 os.environ.setdefault("nnUNet_def_n_proc", "2")
+# `auto` segmentations on fresh stores would each start a background convert-and-guard process
+# (about a minute of CPU) that outlives its test; test_backends.py turns it on where it is tested.
+os.environ.setdefault("LNDGST_BACKGROUND_CONVERSION", "0")
 
 # `make test` runs the suite on pytest-xdist workers (`-n 2`). Each worker, and every process it
 # starts (CLI runs, job workers), gets its share of the cores: two workers with two threads each

@@ -8,6 +8,9 @@ from tqdm import tqdm
 
 STAGE_NAMES = {
     "load": "loading model",
+    "convert": "converting model",
+    "quantize": "quantising model (INT8)",
+    "compile": "compiling model",
     "preprocess": "preprocessing",
     "predict": "sliding window",
     "resample": "resampling",

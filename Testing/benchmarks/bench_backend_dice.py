@@ -2,10 +2,13 @@
 
 The bundled demo model segments site-A and site-B phantoms (demo/phantom/) and, with
 `--ct`, shared real CTs, once per backend through the whole segmenter (tiling, body crop,
-resampling). Dice is computed against the torch fp32 labels (and, for phantoms, the truth).
+resampling). Dice is computed against the torch fp32 labels (and, for phantoms, the truth), per
+case and pooled over all cases' voxels (the figure `auto`'s guard judges by: backend_guard.py).
+`openvino-int8` is quantised first, on the reference cases' calibration set (the phantoms).
 
     python Testing/benchmarks/bench_backend_dice.py [--backends openvino,onnxruntime] \
         [--phantoms-a 2 --phantoms-b 2] [--ct /work/shared/data/ct/hn_ct_pycerr.nii.gz] [--full]
+    e.g. --backends openvino,openvino-int8,openvino-bf16
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     from LymphNodeDGSTLib.adaptation.metrics import dice
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
+    from LymphNodeDGSTLib.engine.segmentation.backend_guard import pooled_dice
     from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
     from LymphNodeDGSTLib.engine.store.models import ModelStore
 
@@ -65,6 +69,12 @@ def main() -> None:
                       f"{dice(label > 0, reference > 0):.5f} differing_voxels={int((label != reference).sum())} "
                       f"dice_vs_truth={'-' if truth_dice is None else f'{truth_dice:.4f}'} "
                       f"seconds={seconds:.1f} note={result.backend_note}", flush=True)
+        for backend in args.backends.split(","):
+            names = [name for name, _, _ in cases]
+            pooled, differing = pooled_dice([labels[("torch", n)] for n in names],
+                                            [labels[(backend, n)] for n in names])
+            print(f"{backend:14s} pooled dice_vs_torch={pooled:.5f} over {len(names)} cases, "
+                  f"differing_voxels={differing}", flush=True)
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -7,13 +7,20 @@ fresh process (peak RSS of that process), in one sitting so the ratios are compa
     ours       Segmenter without the body crop (must never be slower than stock)
     ours+crop  Segmenter with the body crop (target: >= 1.5x faster than stock)
     ours+crop/BACKEND  the same with a CPU inference backend (--backends openvino,...; the model is
-               converted into the store's cache before timing, the conversion is reported apart)
+               converted into the store's cache before timing, the conversion is reported apart;
+               `auto` is converted and guarded as its first run would (backend_guard.py, on the
+               phantoms and the case library), then timed as a user gets it; `openvino-int8` is
+               quantised on the reference cases' calibration set)
 Each variant runs --repeat times (fresh processes, round robin: repeat r of every variant runs
 before repeat r+1 of any, so a drifting load touches every variant alike); the median is reported.
 --ct picks another CT (the head CT, say); --variants drops some of the built-in ones.
+Every run is cut into phases, reported per run and as medians: the whole process (start to exit,
+interpreter included), import, CT read, model load, backend compile, preprocessing (body box and
+nnU-Net's preprocessing), network (the sliding-window tiles), resampling, writing the label.
+Stock has no progress callback: its network, preprocessing and resampling are one phase.
 
     python Testing/benchmarks/bench_segment.py [--models tiny,default] [--modes fast,accurate]
-        [--backends openvino,onnxruntime,openvino-bf16,torch-bf16] [--repeat 3]
+        [--backends auto,openvino,openvino-bf16,openvino-int8,onnxruntime,torch-bf16] [--repeat 3]
         [--ct PATH] [--variants stock,ours,ours+crop]
 """
 
@@ -32,31 +39,75 @@ CT = Path(os.environ.get("LNDGST_SHARED_DATA", REPO.parent / "shared" / "data"))
 # "dice_vs_stock" is over the whole image: the crop variant writes 0 outside the body by design.
 
 CHILD = r"""
-import json, resource, sys, time
-import numpy as np, SimpleITK as sitk, torch
+import time
+begun = time.perf_counter()
+import json, resource, sys
+import numpy as np, SimpleITK as sitk
 variant, folder, ct, fast, device = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[6]
-image = sitk.ReadImage(ct)
-started = time.perf_counter()
+phases, marks = {}, {}
+def mark(name):
+    marks[name] = time.perf_counter()
+def progress(stage, done, total):  # phase ends from the segmenter's progress stages
+    if done == total:
+        mark(stage)
 if variant == "stock":
+    import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    predictor = nnUNetPredictor(device=torch.device(device), use_mirroring=not fast, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(folder, use_folds=(0,))
-    array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
-    label = predictor.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
 else:
     from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
     from LymphNodeDGSTLib.engine.store.models import ModelStore
+    import torch
+    import nnunetv2.inference.predict_from_raw_data  # else imported in the model load (about 4 s)
+phases["import"] = time.perf_counter() - begun
+mark("start")
+image = sitk.ReadImage(ct)
+mark("read")
+phases["read"] = marks["read"] - marks["start"]
+started = time.perf_counter()
+used, detail = "stock", None
+if variant == "stock":
+    predictor = nnUNetPredictor(device=torch.device(device), use_mirroring=not fast, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, use_folds=(0,))
+    mark("load")
+    array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
+    label = predictor.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
+    mark("resample")
+    phases["load"] = marks["load"] - started
+    phases["preprocess+network+resample"] = marks["resample"] - marks["load"]
+    output = sitk.GetImageFromArray(label.astype(np.uint8))
+    output.CopyInformation(image)
+else:
     backend = variant.split("/")[1] if "/" in variant else "torch"
     segmenter = Segmenter(ModelStore(folder), device=device, backend=backend)
-    result = segmenter.segment(image, fast=fast, crop_body=variant.startswith("ours+crop"))
-    assert result.backend == backend, result.backend_note
-    label = sitk.GetArrayFromImage(result.label)
+    result = segmenter.segment(image, fast=fast, crop_body=variant.startswith("ours+crop"),
+                               progress=progress)
+    used, detail = result.backend, result.backend_detail
+    assert backend == "auto" or result.backend == backend, result.backend_note
+    output = result.label
+    phases["load"] = marks["load"] - started
+    loaded = marks.get("compile", marks["load"])
+    phases["compile"] = loaded - marks["load"]
+    phases["preprocess"] = marks["preprocess"] - loaded
+    phases["network"] = marks.get("predict", marks["preprocess"]) - marks["preprocess"]
+    phases["resample"] = marks["resample"] - marks.get("predict", marks["preprocess"])
 seconds = time.perf_counter() - started
-np.save(sys.argv[5], label.astype(np.uint8))
+mark("write")
+sitk.WriteImage(output, sys.argv[5].replace(".npy", ".nii.gz"))
+phases["write"] = time.perf_counter() - marks["write"]
+np.save(sys.argv[5], sitk.GetArrayFromImage(output).astype(np.uint8))
 gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "peak_gpu_mb": gpu}))
+def peak_rss_mb():  # VmHWM is this process image's own peak; ru_maxrss keeps the parent's across exec
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) / 1024 for l in status if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                  "peak_gpu_mb": gpu, "phases": {k: round(v, 2) for k, v in phases.items()},
+                  "backend": used, "backend_detail": detail}))
 """
+PHASES = ("process", "import", "read", "load", "compile", "preprocess", "network", "resample",
+          "preprocess+network+resample", "write")
 
 
 def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
@@ -75,7 +126,8 @@ def prepare_models(work: Path, names: list[str]) -> dict[str, tuple[Path, Path]]
 
 
 def convert_for(store_root: Path, name: str, backend: str) -> float:
-    """Convert the installed model for `backend` into its version's cache; seconds taken."""
+    """Convert the installed model for `backend` into its version's cache (`auto`: convert and
+    guard, as its first run does in the background); seconds taken."""
     import time
 
     from LymphNodeDGSTLib.engine.segmentation.backends.prepare import prepare
@@ -83,19 +135,40 @@ def convert_for(store_root: Path, name: str, backend: str) -> float:
 
     if backend.startswith("torch"):
         return 0.0
+    version = ModelStore(store_root).resolve(name)
     started = time.perf_counter()
-    prepare(ModelStore(store_root).resolve(name).path, backend)
+    if backend == "auto":
+        from LymphNodeDGSTLib.engine.segmentation.backend_guard import convert_and_guard
+        convert_and_guard(version.path, "openvino")
+    elif backend == "openvino-int8":
+        from LymphNodeDGSTLib.engine.segmentation.backend_guard import quantize_version
+        from LymphNodeDGSTLib.engine.segmentation.backends.reference import CALIBRATION, reference_cases
+        quantize_version(version, reference_cases(version.path, CALIBRATION))
+    else:
+        prepare(version.path, backend)
     return time.perf_counter() - started
 
 
 def run_child(variant: str, folder: Path, fast: bool, out: Path, device: str, ct: Path) -> dict:
+    import time
+
     env = dict(os.environ, nnUNet_def_n_proc=str(os.cpu_count() or 2), nnUNet_n_proc_DA="0")
+    started = time.perf_counter()
     completed = subprocess.run([sys.executable, "-c", CHILD, variant, str(folder), str(ct),
                                 "1" if fast else "0", str(out), device], capture_output=True, text=True,
                                env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{completed.stderr[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    run = json.loads(completed.stdout.strip().splitlines()[-1])
+    run["phases"] = {"process": round(time.perf_counter() - started, 2), **run["phases"]}
+    return run
+
+
+def median_phases(runs: list[dict]) -> dict[str, float]:
+    import numpy as np
+
+    names = [p for p in PHASES if p in runs[0]["phases"]]
+    return {p: round(float(np.median([r["phases"][p] for r in runs])), 2) for p in names}
 
 
 def main() -> int:
@@ -139,7 +212,9 @@ def main() -> int:
                         run = run_child(variant, target, fast, out, args.device, args.ct)
                         runs_of[variant].append(run)
                         print(f"  {name} {mode} {variant} run {repeat + 1}: {run['seconds']:.1f} s, "
-                              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+                              f"load average {os.getloadavg()[0]:.2f}; phases (s) {run['phases']}"
+                              + (f"; {run['backend']}, {run['backend_detail']}" if run["backend_detail"]
+                                 else ""), flush=True)
                 results = {}
                 for variant in variants:
                     runs = runs_of[variant]
@@ -147,7 +222,9 @@ def main() -> int:
                     results[variant] = {"seconds": float(np.median([r["seconds"] for r in runs])),
                                         "all_seconds": [round(r["seconds"], 1) for r in runs],
                                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                                        "peak_gpu_mb": runs[0]["peak_gpu_mb"], "label": np.load(out)}
+                                        "peak_gpu_mb": runs[0]["peak_gpu_mb"], "label": np.load(out),
+                                        "phases": median_phases(runs), "backend": runs[-1]["backend"],
+                                        "backend_detail": runs[-1]["backend_detail"]}
                 stock = results["stock"]
                 for variant in variants:
                     r = results[variant]
@@ -164,6 +241,8 @@ def main() -> int:
                         "memory_vs_stock": round(r["peak_rss_mb"] / stock["peak_rss_mb"], 2),
                         "dice_vs_stock": round(dice(r["label"], stock["label"]), 4),
                         "identical_to_stock": bool(np.array_equal(r["label"], stock["label"])),
+                        "backend": r["backend"], "backend_detail": r["backend_detail"],
+                        "phases_s": r["phases"],
                     })
                     print(json.dumps(rows[-1]), flush=True)
     print()
@@ -175,6 +254,16 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    print()
+    print("Phases (median seconds; process = the whole child process, interpreter start included):")
+    phase_header = ["model", "mode", "variant", "backend"] + list(PHASES)
+    print("| " + " | ".join(phase_header) + " |")
+    print("|" + "---|" * len(phase_header))
+    for row in rows:
+        cells = [row["model"], row["mode"], row["variant"],
+                 row["backend"] + (f" ({row['backend_detail']})" if row["backend_detail"] else "")]
+        cells += [row["phases_s"].get(p, "-") for p in PHASES]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -25,8 +25,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--fast", action="store_true", help="no mirroring: faster, less accurate")
     segment.add_argument("--no-crop", action="store_true", help="run on the whole image, not the body")
     segment.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                         help="CPU inference backend (default auto: OpenVINO f32 when installed, "
-                              "else torch; see docs/benchmarks.md)")
+                         help="CPU inference backend (default auto: OpenVINO when installed, else "
+                              "torch; bf16 or INT8 once a guard passed them for the model version; "
+                              "see docs/benchmarks.md)")
     segment.add_argument("--nodes", metavar="CSV", help="also write the per-node report")
     segment.add_argument("--min-volume", type=float, default=0.0,
                          help="node report: ignore components smaller than this (mm^3)")
@@ -61,7 +62,9 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     if result.backend_note:
         print(f"lndgst: backend: {result.backend_note}", file=sys.stderr)
     write_image_atomic(result.label, output)
-    print(f"wrote {output} ({result.model}, {result.device}, {result.backend}, {result.seconds:.1f} s)")
+    from LymphNodeDGSTLib.engine.segmentation.backends.decision import backend_line
+    backend = backend_line(result.backend, result.backend_detail)  # "openvino-bf16, guard Dice 0.9981"
+    print(f"wrote {output} ({result.model}, {result.device}, {backend}, {result.seconds:.1f} s)")
     if nodes_csv is not None:
         from LymphNodeDGSTLib.engine.segmentation.nodes import node_report, write_node_csv
         rows = node_report(result.label, image, min_volume_mm3=args.min_volume)

@@ -17,6 +17,7 @@ from pathlib import Path
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import resolve_home
 from LymphNodeDGSTLib.engine.images.files import check_output_path, read_image, write_image_atomic
+from LymphNodeDGSTLib.engine.segmentation.backends.decision import backend_line
 from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 from LymphNodeDGSTLib.jobs.events import Reporter
 from LymphNodeDGSTLib.engine.store.models import ModelStore
@@ -53,11 +54,13 @@ def run(params: dict, reporter: Reporter) -> dict:
         reporter.log(f"warning: {warning}")
     if result.backend_note:
         reporter.log(f"backend: {result.backend_note}")
+    if result.backend_detail:
+        reporter.log(f"backend: {backend_line(result.backend, result.backend_detail)}")
     reporter.check_cancelled()  # after the last tile: still nothing written
     write_image_atomic(result.label, output)
     rows = node_report(result.label, image, min_volume_mm3=float(params.get("min_volume_mm3", 0.0)))
     summary = {"output": str(output), "model": result.model, "device": result.device,
-               "backend": result.backend,
+               "backend": result.backend, "backend_detail": result.backend_detail,
                "seconds": round(result.seconds, 2), "nodes": len(rows), "warnings": result.warnings}
     if nodes_csv is not None:
         write_node_csv(rows, nodes_csv)

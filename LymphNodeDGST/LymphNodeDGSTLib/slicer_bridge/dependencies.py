@@ -58,6 +58,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("peft", "peft==0.21.2", "pip", "the LoRA adaptation method", optional=True),
     Requirement("openvino", 'openvino==2026.4.1; sys_platform != "darwin" or platform_machine == "arm64"', "pip",
                 "faster segmentation on the CPU (OpenVINO backend)", optional=True),
+    Requirement("nncf", 'nncf==3.4.0; sys_platform != "darwin" or platform_machine == "arm64"', "pip",
+                "INT8 segmentation on the CPU, once checked against fp32 (OpenVINO INT8 backend)",
+                optional=True),
     Requirement("SimpleITK", "SimpleITK", "slicer", "image reading and writing"),
     Requirement("numpy", "numpy", "slicer", "arrays"),
 )

@@ -47,6 +47,7 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
     backend: str = "torch"
     backend_note: str | None = None  # why the backend differs from the one asked for
+    backend_detail: str | None = None  # what the accuracy guard found, e.g. "guard Dice 0.9981"
 
 
 @dataclass
@@ -158,7 +159,8 @@ class Segmenter:
         output.CopyInformation(image)
         return SegmentationResult(output, self._loaded.ref, str(self.device),
                                   time.perf_counter() - started, body_fraction, warnings,
-                                  self.backend_choice.used, self.backend_choice.reason)
+                                  self.backend_choice.used, self.backend_choice.reason,
+                                  self.backend_choice.detail)
 
     def _resolve(self, model: str | ModelVersion | None) -> ModelVersion:
         if isinstance(model, ModelVersion):

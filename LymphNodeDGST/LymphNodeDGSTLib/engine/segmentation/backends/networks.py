@@ -6,11 +6,12 @@ loads each fold's weights with `load_state_dict` and then calls it once per tile
 here that call goes to the fold's converted model.
 
 Backends: `torch` (fp32, today's path), `torch-bf16` (CPU autocast), `openvino` (f32 IR),
-`openvino-bf16` (same IR, bf16 inference-precision hint), `onnxruntime` (f32 ONNX).
+`openvino-bf16` (same IR, bf16 inference-precision hint), `openvino-int8` (the f32 IR quantised
+with NNCF: calibration.py), `onnxruntime` (f32 ONNX).
 `auto` takes the first of AUTO_PREFERENCE that is installed on a CPU run and torch otherwise;
-the choice rests on the measurements in docs/benchmarks.md (labels identical to torch fp32 on
-the site-A and site-B demo phantoms; the shared real CTs are not measured yet). A backend that is missing or fails falls back to torch
-with a one-line reason.
+in place of OpenVINO f32 it runs what the version's guard decision adopted (decision.py). A
+backend that is missing or fails falls back (choice.py) with a one-line reason.
+OpenVINO keeps its compiled models (CACHE_DIR) in the version's backend cache too.
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from LymphNodeDGSTLib.engine.segmentation.backends.names import AUTO_PREFERENCE, BACKEND_CHOICES, FORMAT_OF, PACKAGE_OF
-from LymphNodeDGSTLib.engine.segmentation.backends.cache import cache_key, file_sha256, find_cached, store_conversion
+from LymphNodeDGSTLib.engine.segmentation.backends import calibration
+from LymphNodeDGSTLib.engine.segmentation.backends.cache import (cache_key, cache_root, file_sha256,
+                                                                 find_cached, store_conversion)
+from LymphNodeDGSTLib.engine.segmentation.backends.names import (AUTO_PREFERENCE, BACKEND_CHOICES, FORMAT_OF,
+                                                                 OPENVINO_BACKENDS, PACKAGE_OF)
 from LymphNodeDGSTLib.errors import UserInputError
 
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 ProgressCallback = Callable[[str, int, int], None]
+CalibrationSource = Callable[[], calibration.CalibrationSet]
+COMPILED_DIR = "openvino-compiled"  # OpenVINO's CACHE_DIR inside the version's backend cache
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class BackendChoice:
     used: str
     reason: str | None = None
     convert_later: str | None = None  # a backend to convert in the background after this run
+    detail: str | None = None  # what the guard found, e.g. "guard Dice 0.9981" (decision.py)
 
 
 def check_backend_name(name: str | None) -> str:
@@ -139,13 +146,17 @@ def convert(fmt: str, network: nn.Module, example: torch.Tensor, folder: Path) -
             raise ValueError(f"no conversion to {fmt}")
 
 
-def load_runner(backend: str, folder: Path) -> Runner:
-    """A runner for a cached conversion."""
+def load_runner(backend: str, folder: Path, compiled_cache: Path | None = None) -> Runner:
+    """A runner for a cached conversion; OpenVINO keeps the compiled model in `compiled_cache`
+    (a later process imports it instead of compiling again)."""
     threads = inference_threads()
-    if backend in ("openvino", "openvino-bf16"):
+    if backend in OPENVINO_BACKENDS:
         import openvino as ov
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "bf16" if backend == "openvino-bf16" else "f32"}
+        if compiled_cache is not None:
+            compiled_cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(compiled_cache)
         return OpenVINORunner(ov.Core().compile_model(str(folder / "model.xml"), "CPU", config))
     if backend == "onnxruntime":
         import onnxruntime as ort
@@ -157,27 +168,69 @@ def load_runner(backend: str, folder: Path) -> Runner:
     raise ValueError(f"no converted runner for {backend}")
 
 
+def converter_version(backend: str) -> str:
+    """The converter's version for cache keys; raises when a package the conversion needs is
+    missing (INT8 needs NNCF besides OpenVINO)."""
+    version, reason = package_status(backend)
+    if version is None:
+        raise RuntimeError(reason)
+    if backend == "openvino-int8":
+        nncf = calibration.nncf_version()
+        if nncf is None:
+            raise RuntimeError("nncf is not installed (the INT8 backend quantises with it)")
+        version = f"{version}+nncf{nncf}"
+    return version
+
+
 def conversion_key(backend: str, checkpoint: Path, input_shape: Sequence[int]) -> str:
     """The cache key of one fold's conversion for `backend` (raises when its package is missing)."""
-    converter_version, reason = package_status(backend)
-    if converter_version is None:
-        raise RuntimeError(reason)
-    return cache_key(FORMAT_OF[backend], converter_version, file_sha256(checkpoint), input_shape)
+    return cache_key(FORMAT_OF[backend], converter_version(backend), file_sha256(checkpoint),
+                     input_shape)
+
+
+def one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def quantize_int8(f32_folder: Path, calibrate: CalibrationSource | None, folder: Path) -> dict:
+    """Quantise the f32 IR in `f32_folder` into `folder`; what it was calibrated on."""
+    if calibrate is None:
+        raise RuntimeError("INT8 calibration failed: no calibration cases")
+    try:
+        cases = calibrate()
+        calibration.quantize_openvino_int8(f32_folder / "model.xml", cases, folder)
+    except Exception as error:
+        raise RuntimeError(f"INT8 calibration failed: {one_line(error)}") from error
+    return {"calibration_cases": cases.cases, "calibration_tiles": len(cases.tiles)}
 
 
 def ensure_converted(backend: str, network: nn.Module, weights: dict, checkpoint: Path,
                      version_path: Path, input_shape: Sequence[int],
-                     progress: ProgressCallback | None = None) -> Path:
-    """The cached conversion of one fold, made now (atomically) when there is none."""
+                     progress: ProgressCallback | None = None,
+                     calibrate: CalibrationSource | None = None) -> Path:
+    """The cached conversion of one fold, made now (atomically) when there is none. INT8 is
+    quantised from the fold's f32 IR (converted first when needed) on `calibrate()`'s tiles."""
     key = conversion_key(backend, checkpoint, input_shape)
     folder = find_cached(version_path, key)
     if folder is not None:
+        return folder
+    fmt = FORMAT_OF[backend]
+    if backend == "openvino-int8":
+        f32 = ensure_converted("openvino", network, weights, checkpoint, version_path, input_shape,
+                               progress)
+        if progress:
+            progress("quantize", 0, 1)
+        meta = {"format": fmt, "converter": converter_version(backend), "checkpoint": checkpoint.name,
+                "input_shape": list(input_shape)}
+        folder = store_conversion(version_path, key,
+                                  lambda f: meta.update(quantize_int8(f32, calibrate, f)), meta)
+        if progress:
+            progress("quantize", 1, 1)
         return folder
     if progress:
         progress("convert", 0, 1)
     network.load_state_dict(weights)
     example = torch.zeros(tuple(input_shape), dtype=torch.float32)
-    fmt = FORMAT_OF[backend]
     meta = {"format": fmt, "converter": package_status(backend)[0], "checkpoint": checkpoint.name,
             "input_shape": list(input_shape), "torch": torch.__version__}
     folder = store_conversion(version_path, key, lambda f: convert(fmt, network, example, f), meta)
@@ -188,18 +241,26 @@ def ensure_converted(backend: str, network: nn.Module, weights: dict, checkpoint
 
 def converted_runner(backend: str, network: nn.Module, weights: dict, checkpoint: Path,
                      version_path: Path | None, input_shape: Sequence[int],
-                     progress: ProgressCallback | None = None) -> Runner:
+                     progress: ProgressCallback | None = None,
+                     calibrate: CalibrationSource | None = None) -> Runner:
     """A runner for one fold: from the version's cache (converted first when needed), or
     converted in a throw-away folder for a results folder outside the store."""
     if version_path is not None:
-        return load_runner(backend, ensure_converted(backend, network, weights, checkpoint,
-                                                     version_path, input_shape, progress))
+        folder = ensure_converted(backend, network, weights, checkpoint, version_path, input_shape,
+                                  progress, calibrate)
+        return load_runner(backend, folder, cache_root(version_path) / COMPILED_DIR)
     import tempfile
     conversion_key(backend, checkpoint, input_shape)  # the package is there
     network.load_state_dict(weights)
     with tempfile.TemporaryDirectory(prefix="lndgst-convert-", ignore_cleanup_errors=True) as scratch:
-        convert(FORMAT_OF[backend], network, torch.zeros(tuple(input_shape)), Path(scratch))
-        return load_runner(backend, Path(scratch))  # compiled in memory: the files may go
+        scratch = Path(scratch)
+        if backend == "openvino-int8":
+            (scratch / "f32").mkdir()
+            convert("openvino", network, torch.zeros(tuple(input_shape)), scratch / "f32")
+            quantize_int8(scratch / "f32", calibrate, scratch)
+        else:
+            convert(FORMAT_OF[backend], network, torch.zeros(tuple(input_shape)), scratch)
+        return load_runner(backend, scratch)  # compiled in memory: the files may go
 
 
 # --------------------------------------------------------------------------- the stand-in
@@ -233,14 +294,16 @@ class BackendNetwork(nn.Module):
 def build_backend_network(backend: str, network: nn.Module, fold_weights: list[dict],
                           checkpoints: list[Path], version_path: Path | None,
                           input_shape: Sequence[int],
-                          progress: ProgressCallback | None = None) -> BackendNetwork:
-    """The stand-in network for `backend`; raises when the backend cannot run."""
+                          progress: ProgressCallback | None = None,
+                          calibrate: CalibrationSource | None = None) -> BackendNetwork:
+    """The stand-in network for `backend`; raises when the backend cannot run. `calibrate`:
+    the INT8 calibration set, asked for only when a fold has no INT8 model yet."""
     if backend == "torch-bf16":
         runner = TorchBf16Runner(network)
         runners = [runner] * len(fold_weights)
     else:
         runners = [converted_runner(backend, network, weights, checkpoint, version_path,
-                                    input_shape, progress)
+                                    input_shape, progress, calibrate)
                    for weights, checkpoint in zip(fold_weights, checkpoints)]
     stand_in = BackendNetwork(network, fold_weights, runners, backend)
     stand_in.load_state_dict(fold_weights[0])

@@ -1,7 +1,9 @@
 """Converting a model version for a backend in a background process, the first time `auto` meets it.
 
 `python -m LymphNodeDGSTLib.engine.segmentation.backends.prepare VERSION_FOLDER BACKEND` converts every fold
-into the version's cache (cache.py) at low priority and exits. The segmentation that
+into the version's cache (cache.py) at low priority and exits. For OpenVINO, `auto`'s backend, the
+process started is the guard's (`python -m LymphNodeDGSTLib.engine.segmentation.backend_guard`),
+which converts the same way and then decides bf16/INT8 (backend_guard.py). The segmentation that
 started it runs with torch and never waits; the next one finds the conversion. A lock file keeps
 to one converter per version and backend; a failure is kept as one line (`<format>.error`) so
 that later runs say why they use torch instead of retrying forever.
@@ -14,11 +16,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from LymphNodeDGSTLib.engine.segmentation.backends.cache import cache_root
 from LymphNodeDGSTLib.engine.segmentation.backends.names import FORMAT_OF
 
 STALE_LOCK_SECONDS = 3600
+BACKGROUND_SWITCH = "LNDGST_BACKGROUND_CONVERSION"  # "0": `auto` never converts in the background
+# the module a background process runs for a backend (named, not imported: it imports this one)
+BACKGROUND_MODULE = {"openvino": "LymphNodeDGSTLib.engine.segmentation.backend_guard"}
 
 
 def lock_path(version_path: Path, backend: str) -> Path:
@@ -47,7 +53,10 @@ def conversion_running(version_path: Path, backend: str) -> bool:
 
 
 def start_background_conversion(version_path: Path, backend: str) -> bool:
-    """Start the converter unless one is running; True when one runs now."""
+    """Start the converter unless one is running or BACKGROUND_SWITCH is "0" (the test suite
+    sets it: its many `auto` runs on fresh stores are not about backends); True when one runs."""
+    if os.environ.get(BACKGROUND_SWITCH, "1") == "0":
+        return False
     if conversion_running(version_path, backend):
         return True
     lock = lock_path(version_path, backend)
@@ -62,8 +71,8 @@ def start_background_conversion(version_path: Path, backend: str) -> bool:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
-        subprocess.Popen([sys.executable, "-m", "LymphNodeDGSTLib.engine.segmentation.backends.prepare",
-                          str(version_path), backend], env=env, stdin=subprocess.DEVNULL,
+        module = BACKGROUND_MODULE.get(backend, "LymphNodeDGSTLib.engine.segmentation.backends.prepare")
+        subprocess.Popen([sys.executable, "-m", module, str(version_path), backend], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         lock.unlink(missing_ok=True)
@@ -90,14 +99,16 @@ def prepare(version_path: Path, backend: str) -> None:
         ensure_converted(backend, network, checkpoint["network_weights"], path, version_path, shape)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], work: Callable[[Path, str], None] = prepare) -> int:
+    """The background process: `work(version_path, backend)` at low priority, a failure kept as
+    one line, the lock released."""
     version_path, backend = Path(argv[0]), argv[1]
     try:
         os.nice(10)  # after the segmentation that started us
     except (AttributeError, OSError):
         pass
     try:
-        prepare(version_path, backend)
+        work(version_path, backend)
         return 0
     except Exception as error:
         if version_path.is_dir():  # a version removed meanwhile: nothing to report
