@@ -12,8 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 
 def write_adaptation_figure(report: dict, path: Path) -> Path:
-    """Loss and pseudo-Dice per epoch (left), held-out Dice before/after per case (right)."""
-    figure, (curves, bars) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    """Loss and pseudo-Dice per epoch (left), held-out Dice before/after per case (right), and
+    under the automatic schedule the held-out Dice of every check (middle)."""
+    schedule = report.get("schedule") or {}
+    automatic = schedule.get("kind") == "auto"
+    figure, axes = plt.subplots(1, 3 if automatic else 2, figsize=(15 if automatic else 10, 4), dpi=100)
+    curves, bars = axes[0], axes[-1]
+    if automatic:
+        _held_out_curve(axes[1], schedule)
     epochs = [e["epoch"] for e in report["epochs"]]
     curves.plot(epochs, [e["train_loss"] for e in report["epochs"]], "o-", label="train loss")
     curves.plot(epochs, [e["val_loss"] for e in report["epochs"]], "s--", label="pseudo-val loss")
@@ -46,3 +52,26 @@ def write_adaptation_figure(report: dict, path: Path) -> Path:
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def _held_out_curve(axis, schedule: dict) -> None:
+    """Held-out Dice per check of the training run, the kept checkpoint, the parent and probes."""
+    curve = schedule.get("curve") or []
+    axis.plot([c["iteration"] for c in curve], [c["dice"] for c in curve], "o-", color="tab:blue",
+              label=f"training at lr {schedule['chosen_rate']:g}")
+    axis.plot([schedule["best_iteration"]], [schedule["best_dice"]], "*", markersize=14,
+              color="tab:orange", label=f"kept ({schedule['best_iteration']} iterations)")
+    if schedule.get("reference_dice") is not None:
+        axis.axhline(schedule["reference_dice"], color="tab:gray", linestyle="--", label="parent")
+    probes = [p for p in schedule.get("probes") or [] if p.get("dice") is not None]
+    if probes:
+        axis.plot([schedule["probe_iterations"]] * len(probes), [p["dice"] for p in probes], "x",
+                  color="tab:red", label="probes (learning rate)")
+        for probe in probes:
+            axis.annotate(f"{probe['rate']:g}", (schedule["probe_iterations"], probe["dice"]),
+                          textcoords="offset points", xytext=(5, 0), fontsize=7, color="tab:red")
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("held-out Dice (schedule cases, fast)")
+    axis.set_title(schedule.get("stop_text", ""), fontsize=8)
+    axis.legend(fontsize=7)
