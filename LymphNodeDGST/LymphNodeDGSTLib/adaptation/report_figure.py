@@ -33,7 +33,9 @@ def write_adaptation_figure(report: dict, path: Path) -> Path:
     dice_axis.set_ylabel("pseudo Dice")
     handles = curves.get_legend_handles_labels()[0] + dice_axis.get_legend_handles_labels()[0]
     curves.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
-    curves.set_title(f"{report['method']} from {report['parent']}, {report['iterations']} iterations")
+    kept = (f"kept {report['iterations']} of {schedule['iterations_run']} iterations" if automatic
+            else f"{report['iterations']} iterations")
+    curves.set_title(f"{report['method']} from {report['parent']}, {kept}")
 
     cases = [c["case"] for c in report["per_case"]]
     positions = range(len(cases))
@@ -66,12 +68,16 @@ def _held_out_curve(axis, schedule: dict) -> None:
     probes = [p for p in schedule.get("probes") or [] if p.get("dice") is not None]
     if probes:
         axis.plot([schedule["probe_iterations"]] * len(probes), [p["dice"] for p in probes], "x",
-                  color="tab:red", label="probes (learning rate)")
-        for probe in probes:
-            axis.annotate(f"{probe['rate']:g}", (schedule["probe_iterations"], probe["dice"]),
-                          textcoords="offset points", xytext=(5, 0), fontsize=7, color="tab:red")
+                  color="tab:red", label="probes")
+    if schedule.get("probes"):
+        lines = [f"{p['rate']:g}: " + ("diverged" if p["dice"] is None else f"{p['dice']:.3f}")
+                 + (" (chosen)" if p["rate"] == schedule["chosen_rate"] else "")
+                 for p in schedule["probes"]]
+        axis.text(0.98, 0.03, f"probes, Dice after {schedule['probe_iterations']} iterations\n"
+                  + "\n".join(lines), transform=axis.transAxes, ha="right", va="bottom", fontsize=7,
+                  bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "lightgray"})
     axis.set_ylim(0, 1)
     axis.set_xlabel("iteration")
     axis.set_ylabel("held-out Dice (schedule cases, fast)")
     axis.set_title(schedule.get("stop_text", ""), fontsize=8)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="lower left")
