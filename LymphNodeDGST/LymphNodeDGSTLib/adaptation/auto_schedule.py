@@ -1,17 +1,21 @@
 """The automatic schedule: choose the learning rate by short probes, train at it with held-out
 checks, stop when the checks stop improving (or at the budget), keep the best checkpoint.
 
-1. Probes. Each rate of the grid trains `probe_iterations` from the foundation (same seed, so the
-   same batches) and is scored on the schedule's held-out cases. A probe's weights are scored and
-   dropped: nothing from a probe is ever kept or published. A probe that diverges scores nothing.
-   The best score wins; a tie goes to the smaller rate. A grid of one rate is not probed.
-2. Training at the chosen rate, again from the foundation, scored every `check_every` iterations.
-   The weights at the best check are kept (a CPU copy); training stops after `patience` checks
-   without a strictly better score, at `max_iterations` (nnU-Net's polynomial decay runs over
-   this cap), when the budget is spent, or when it diverges after a first check.
+1. Probes. Each rate of the grid starts a training run from the foundation (same seed, so the
+   same batches and augmentations) that trains `probe_iterations` and is scored on the
+   schedule's held-out cases. A probe that diverges scores nothing. The best score wins; a tie
+   goes to the smaller rate. The other probes are dropped with their weights.
+2. Training. The winning probe is not repeated: it simply goes on as the training run (its own
+   random state kept aside while the other probes ran, so it is exactly the run a fresh start at
+   that rate would be), and its probe score is the training run's first check. It is scored
+   every `check_every` iterations; the weights at the best check are kept (a CPU copy); it stops
+   after `patience` checks without a strictly better score, at `max_iterations` (nnU-Net's
+   polynomial decay runs over this cap), when the budget is spent, or when it diverges after a
+   first check. A grid of one rate is not probed: its run starts as the training run.
 3. The budget (seconds) counts from the start of step 1. It is checked before every iteration and
-   before every scoring; a scoring that has started finishes. If it runs out before the training
-   run's first check, nothing is published and the error says why.
+   before every scoring; a scoring that has started finishes. If it runs out while the rate is
+   being chosen or before the training run's first check, nothing is published and the error
+   says why. Nothing is published before training has stopped.
 
 Everything chosen and seen goes into `ScheduleOutcome.record` (the report's `schedule`).
 `auto_fine_tune` is the automatic schedule's `fine_tune`: the same results folder, scored on the
@@ -43,7 +47,7 @@ CLOCK = time.monotonic  # what the budget is measured with (tests put a scripted
 
 # nnU-Net's pseudo-validation batches per epoch of the training run (an epoch ends at every
 # check): the held-out checks are the evidence here, so one batch only keeps the panel's training
-# curve alive. Probes run none.
+# curve alive. Probes run the same settings: the winner goes on as the training run.
 PSEUDO_VALIDATION_ITERATIONS = 1
 
 
@@ -143,22 +147,21 @@ def run_auto_schedule(foundation_checkpoint: dict, dataset: PreparedDataset, wor
             raise Cancelled("adaptation cancelled")
 
     record: dict[str, Any] = {"kind": "auto", **auto.describe()}
+    settings = replace(base, iterations=auto.max_iterations, iterations_per_epoch=auto.check_every,
+                       val_iterations_per_epoch=PSEUDO_VALIDATION_ITERATIONS)
     try:
         if reference is not None:
             record["reference_dice"] = reference()
             reporter.log(f"held-out Dice of the parent: {record['reference_dice']:.3f}")
-        rate, record["probes"] = _choose_rate(foundation_checkpoint, dataset, work_dir, base, auto,
-                                              scorer, device, reporter, should_stop, within_budget,
-                                              check_cancelled)
+        rate, record["probes"], chosen = _choose_rate(foundation_checkpoint, dataset, work_dir,
+                                                      settings, auto, scorer, device, reporter,
+                                                      should_stop, within_budget, check_cancelled)
     except BudgetSpent:
         raise NothingScored(say.nothing_published_text(auto.budget_s, "probe")) from None
     record["chosen_rate"] = rate
     best_probe = max((p["dice"] for p in record["probes"] if p["dice"] is not None), default=None)
     reporter.log(say.chosen_rate_text(rate, best_probe, len(record["probes"])))
 
-    settings = replace(base, learning_rate=rate, iterations=auto.max_iterations,
-                       iterations_per_epoch=auto.check_every,
-                       val_iterations_per_epoch=PSEUDO_VALIDATION_ITERATIONS)
     curve: list[dict] = []
     best: _Best | None = None
     detail = f"training at learning rate {rate:g}"
@@ -170,31 +173,37 @@ def run_auto_schedule(foundation_checkpoint: dict, dataset: PreparedDataset, wor
         reporter.metric("train_loss", values["train_loss"], epoch=epoch)
         reporter.metric("pseudo_dice", values["pseudo_dice"], epoch=epoch)
 
-    run = TrainingRun(foundation_checkpoint, dataset, work_dir / "training", settings, device,
-                      on_iteration=on_iteration, on_epoch=on_epoch, should_stop=should_stop)
+    if chosen is None:
+        run = TrainingRun(foundation_checkpoint, dataset, work_dir / "training",
+                          replace(settings, learning_rate=rate), device, should_stop=should_stop)
+    else:
+        run = chosen.run
+    run.set_callbacks(on_iteration, on_epoch)
     stale = 0
+
+    def check(iteration: int, dice: float, weights: dict) -> bool:
+        """Record one check; True when patience has run out."""
+        nonlocal best, stale, detail
+        curve.append({"iteration": iteration, "dice": dice, "seconds": round(clock() - started, 2)})
+        if best is None or dice > best.dice:
+            best, stale = _Best(iteration, dice, weights), 0
+        else:
+            stale += 1
+        detail = say.check_text(dice, iteration, best.dice, best.iteration)
+        reporter.log(detail)
+        reporter.metric("held_out_dice", dice, iteration=iteration)
+        reporter.progress(iteration, auto.max_iterations, stage="train", detail=detail)
+        return stale >= auto.patience
+
     with run:
         try:
-            while run.iteration < auto.max_iterations:
+            done = chosen is not None and check(chosen.iteration, chosen.dice, chosen.weights)
+            while not done and run.iteration < auto.max_iterations:
                 run.advance_to(min(run.iteration + auto.check_every, auto.max_iterations))
                 within_budget("train")
                 weights = run.weights()
-                dice = scorer.score(weights)
-                curve.append({"iteration": run.iteration, "dice": dice,
-                              "seconds": round(clock() - started, 2)})
-                if best is None or dice > best.dice:
-                    best, stale = _Best(run.iteration, dice, weights), 0
-                else:
-                    stale += 1
-                detail = say.check_text(dice, run.iteration, best.dice, best.iteration)
-                reporter.log(detail)
-                reporter.metric("held_out_dice", dice, iteration=run.iteration)
-                reporter.progress(run.iteration, auto.max_iterations, stage="train", detail=detail)
-                if stale >= auto.patience:
-                    stop_reason = say.STOP_PATIENCE
-                    break
-            else:
-                stop_reason = say.STOP_MAX_ITERATIONS
+                done = check(run.iteration, scorer.score(weights), weights)
+            stop_reason = say.STOP_PATIENCE if done else say.STOP_MAX_ITERATIONS
         except BudgetSpent:
             stop_reason = say.STOP_BUDGET
         except TrainingDiverged as error:
@@ -218,48 +227,72 @@ def run_auto_schedule(foundation_checkpoint: dict, dataset: PreparedDataset, wor
     return ScheduleOutcome(best.weights, result, rate, record)
 
 
+@dataclass
+class _Probe:
+    run: TrainingRun
+    iteration: int
+    dice: float
+    weights: dict
+
+
 def _choose_rate(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: Path,
-                 base: FineTuneSettings, auto: AutoSchedule, scorer: Scorer, device: torch.device,
+                 settings: FineTuneSettings, auto: AutoSchedule, scorer: Scorer, device: torch.device,
                  reporter: ScheduleReporter, should_stop: Callable[[], bool],
                  within_budget: Callable[[str], None],
-                 check_cancelled: Callable[[], None]) -> tuple[float, list[dict]]:
-    """The best rate of the grid by probe runs, and every probe's record."""
+                 check_cancelled: Callable[[], None]) -> tuple[float, list[dict], _Probe | None]:
+    """The best rate of the grid by probe runs, every probe's record, and the winning probe's run
+    (still open: it goes on as the training run). No probe for a grid of one rate."""
     if len(auto.rates) == 1:
-        return auto.rates[0], []
+        return auto.rates[0], [], None
     probes: list[dict] = []
     count, length = len(auto.rates), auto.probe_iterations
-    for index, rate in enumerate(auto.rates, start=1):
-        check_cancelled()
-        text = say.probe_text(index, count, rate)
-        reporter.log(text)
-        offset = (index - 1) * length
+    leader: _Probe | None = None
+    try:
+        for index, rate in enumerate(auto.rates, start=1):
+            check_cancelled()
+            text = say.probe_text(index, count, rate)
+            reporter.log(text)
+            offset = (index - 1) * length
 
-        def on_iteration(done: int, total: int, loss: float, offset=offset, text=text) -> None:
-            reporter.progress(offset + done, count * length, stage="probe", detail=text)
+            def on_iteration(done: int, total: int, loss: float, offset=offset, text=text) -> None:
+                reporter.progress(offset + done, count * length, stage="probe", detail=text)
 
-        reporter.progress(offset, count * length, stage="probe", detail=text)
-        settings = replace(base, learning_rate=rate, iterations=auto.max_iterations,
-                           iterations_per_epoch=length, val_iterations_per_epoch=0)
-        probe_started = time.perf_counter()
-        try:
-            with TrainingRun(foundation_checkpoint, dataset, work_dir / f"probe_{index}", settings,
-                             device, on_iteration=on_iteration, should_stop=should_stop) as run:
+            reporter.progress(offset, count * length, stage="probe", detail=text)
+            probe_started = time.perf_counter()
+            run = TrainingRun(foundation_checkpoint, dataset, work_dir / f"run_{index}",
+                              replace(settings, learning_rate=rate), device,
+                              on_iteration=on_iteration, should_stop=should_stop)
+            dice: float | None = None
+            try:
                 run.advance_to(length)
                 weights = run.weights()
-            within_budget("probe")
-            dice: float | None = scorer.score(weights)
-        except TrainingDiverged:
-            dice = None
-        weights = None  # a probe's weights are scored, never kept
-        probes.append({"rate": rate, "dice": dice, "diverged": dice is None,
-                       "seconds": round(time.perf_counter() - probe_started, 2)})
-        reporter.log(say.probe_result_text(rate, dice, length))
-        if dice is not None:
-            reporter.metric("probe_dice", dice, rate=rate)
-    scored = [p for p in probes if p["dice"] is not None]
-    if not scored:
+                within_budget("probe")
+                dice = scorer.score(weights)
+            except TrainingDiverged:
+                pass
+            finally:
+                if dice is None or not _leads(dice, rate, leader):
+                    run.close()  # dropped with its weights
+            if dice is not None and _leads(dice, rate, leader):
+                if leader is not None:
+                    leader.run.close()
+                leader = _Probe(run, run.iteration, dice, weights)
+            probes.append({"rate": rate, "dice": dice, "diverged": dice is None,
+                           "seconds": round(time.perf_counter() - probe_started, 2)})
+            reporter.log(say.probe_result_text(rate, dice, length))
+            if dice is not None:
+                reporter.metric("probe_dice", dice, rate=rate)
+    except BaseException:
+        if leader is not None:
+            leader.run.close()
+        raise
+    if leader is None:
         raise TrainingDiverged(f"training diverged at every learning rate of the grid "
                                f"({', '.join(f'{r:g}' for r in auto.rates)}); nothing was published; "
                                "try lower --rates")
-    best = max(scored, key=lambda p: (p["dice"], -p["rate"]))
-    return best["rate"], probes
+    return leader.run.settings.lr, probes, leader
+
+
+def _leads(dice: float, rate: float, leader: _Probe | None) -> bool:
+    """Better than the leading probe; a tie goes to the smaller rate."""
+    return leader is None or (dice, -rate) > (leader.dice, -leader.run.settings.lr)

@@ -8,6 +8,7 @@ when to stop and which weights to keep (`weights()` is a CPU copy taken at a che
 from __future__ import annotations
 
 import copy
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,10 @@ class TrainingRun:
     """A trainer started from the foundation's weights; `advance_to(n)` trains up to iteration n.
 
     Seeded like `fine_tune` when it is created, so runs that differ only in the learning rate see
-    the same batches and augmentations in the same order (a fair comparison of rates).
+    the same batches and augmentations in the same order (a fair comparison of rates). Each run
+    keeps its own random state between `advance_to` calls (nnU-Net's sampling and augmentation
+    draw from the global generators), so a run continued after other runs trained in between is
+    exactly the run it would have been alone.
     """
 
     def __init__(self, foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: Path,
@@ -50,6 +54,11 @@ class TrainingRun:
         self.trainer.on_iteration, self.trainer.on_epoch = on_iteration, on_epoch
         self.trainer.should_stop = should_stop
         self._started = False
+        self._random_state = _random_state(device)
+
+    def set_callbacks(self, on_iteration: IterationCallback | None,
+                      on_epoch: EpochCallback | None) -> None:
+        self.trainer.on_iteration, self.trainer.on_epoch = on_iteration, on_epoch
 
     @property
     def iteration(self) -> int:
@@ -57,10 +66,14 @@ class TrainingRun:
 
     def advance_to(self, iteration: int) -> None:
         """Train until `iteration` iterations are done (at most the settings' iterations)."""
-        if not self._started:
-            self.trainer.on_train_start()
-            self._started = True
-        self.trainer.train_until(iteration)
+        _set_random_state(self._random_state, self.device)
+        try:
+            if not self._started:
+                self.trainer.on_train_start()
+                self._started = True
+            self.trainer.train_until(iteration)
+        finally:
+            self._random_state = _random_state(self.device)
 
     def weights(self) -> dict:
         """A CPU copy of the network's weights now (LoRA merged); TrainingDiverged if not finite."""
@@ -87,3 +100,18 @@ class TrainingRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _random_state(device: torch.device) -> tuple:
+    """The global generators nnU-Net's data loading, augmentation and training draw from."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_random_state(state: tuple, device: torch.device) -> None:
+    python, numpy, cpu, cuda = state
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)

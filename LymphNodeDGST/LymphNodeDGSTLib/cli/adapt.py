@@ -65,7 +65,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     activation.add_argument("--no-activate", action="store_true",
                             help="publish the adapted version without activating it")
     activation.add_argument("--force-activate", action="store_true",
-                            help="activate it even if it is worse than its parent on held-out cases")
+                            help="activate it even if it fails the held-out gate (worse than its parent)")
     adapt.add_argument("--accurate-eval", action="store_true",
                        help="evaluate with mirroring (as 'segment' without --fast; slower)")
 
