@@ -15,6 +15,7 @@ STAGE_NAMES = {
     "predict": "sliding window",
     "resample": "resampling",
     "rank": "ranking (per mille)",
+    "probe": "choosing the learning rate",
 }
 
 

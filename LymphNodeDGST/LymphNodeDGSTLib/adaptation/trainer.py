@@ -247,12 +247,14 @@ def _trainer_class():
 
         def on_epoch_end(self):
             self.logger.log("epoch_end_timestamps", time.time(), self.current_epoch)
-            pseudo_dice = [float(d) for d in self.logger.get_value("dice_per_class_or_region", step=-1)]
+            validated = self.num_val_iterations_per_epoch > 0
+            pseudo_dice = [float(d) for d in self.logger.get_value("dice_per_class_or_region", step=-1)] \
+                if validated else []
             record = {
                 "epoch": self.current_epoch + 1,
                 "iterations": self.iteration,
                 "train_loss": float(self.logger.get_value("train_losses", step=-1)),
-                "val_loss": float(self.logger.get_value("val_losses", step=-1)),
+                "val_loss": float(self.logger.get_value("val_losses", step=-1)) if validated else float("nan"),
                 "pseudo_dice": float(np.nanmean(pseudo_dice)) if pseudo_dice else float("nan"),
                 "lr": float(self.optimizer.param_groups[0]["lr"]),
             }
@@ -264,20 +266,26 @@ def _trainer_class():
         def run_training(self):
             self.on_train_start()
             try:
-                while self.iteration < self.settings.iterations:
-                    self.on_epoch_start()
-                    self.on_train_epoch_start()
-                    steps = min(self.num_iterations_per_epoch, self.settings.iterations - self.iteration)
-                    outputs = [self.train_step(next(self.dataloader_train)) for _ in range(steps)]
-                    self.on_train_epoch_end(outputs)
+                self.train_until(self.settings.iterations)
+            finally:
+                self._finish_dataloaders()
+
+        def train_until(self, iteration: int) -> None:
+            """Train epochs (of at most iterations_per_epoch) until `iteration` iterations are
+            done in all; the automatic schedule calls it once per held-out check."""
+            while self.iteration < min(iteration, self.settings.iterations):
+                self.on_epoch_start()
+                self.on_train_epoch_start()
+                steps = min(self.num_iterations_per_epoch, iteration - self.iteration)
+                outputs = [self.train_step(next(self.dataloader_train)) for _ in range(steps)]
+                self.on_train_epoch_end(outputs)
+                if self.num_val_iterations_per_epoch > 0:  # 0: a rate probe, scored elsewhere
                     with torch.no_grad():
                         self.on_validation_epoch_start()
                         val = [self.validation_step(next(self.dataloader_val))
                                for _ in range(self.num_val_iterations_per_epoch)]
                         self.on_validation_epoch_end(val)
-                    self.on_epoch_end()
-            finally:
-                self._finish_dataloaders()
+                self.on_epoch_end()
 
         def _finish_dataloaders(self) -> None:
             for loader in (self.dataloader_train, self.dataloader_val):
@@ -325,13 +333,23 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
         weights = trainer.adapted_weights()
     check_finite_weights(weights, "by the end of training")
 
-    results = work_dir / "results"
-    change = weight_change_summary(foundation_checkpoint["network_weights"], weights)
-    result = FineTuneResult(results, time.perf_counter() - started, str(device), asdict(settings),
-                            trainer.epoch_records, list(trainer.stepper.entries_history), change,
+    result = FineTuneResult(work_dir / "results", time.perf_counter() - started, str(device),
+                            asdict(settings), trainer.epoch_records,
+                            list(trainer.stepper.entries_history),
+                            weight_change_summary(foundation_checkpoint["network_weights"], weights),
                             trainer.stepper.summary())
     if trainer.local_rank != 0:
         return result
+    write_results_folder(result, weights, foundation_checkpoint, dataset, settings, fold)
+    return result
+
+
+def write_results_folder(result: FineTuneResult, weights: dict, foundation_checkpoint: dict,
+                         dataset: PreparedDataset, settings: FineTuneSettings,
+                         fold: int | str = 0) -> Path:
+    """`result.results_folder`: dataset.json, plans.json, fold_F/checkpoint_final.pth with
+    `weights` (trainer name `nnUNetTrainer`, so stock nnU-Net loads it) and the stats file."""
+    results = result.results_folder
     (results / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     saved_plans = copy.deepcopy(dataset.plans)
     checkpoint = checkpoint_dict(
@@ -339,14 +357,13 @@ def fine_tune(foundation_checkpoint: dict, dataset: PreparedDataset, work_dir: P
         fold=int(fold) if str(fold).isdigit() else fold,
         trainer_name="nnUNetTrainer",
         mirroring_axes=foundation_checkpoint.get("inference_allowed_mirroring_axes", (0, 1, 2)),
-        extra={"current_epoch": len(trainer.epoch_records),
+        extra={"current_epoch": len(result.epochs),
                "adaptation": {"method": settings.method, "gamma": settings.gamma}})
     torch.save(checkpoint, results / f"fold_{fold}" / "checkpoint_final.pth")
     (results / "plans.json").write_text(json.dumps(saved_plans, indent=2))
     (results / "dataset.json").write_text(json.dumps(dataset.dataset_json, indent=2))
-
     (results / STATS_FILE).write_text(json.dumps(_stats_document(result), indent=2))
-    return result
+    return results
 
 
 def _stats_document(result: FineTuneResult) -> dict:

@@ -14,7 +14,8 @@ COMMAND = "demo"
 def register(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="the whole loop on the demo model and phantoms")
     demo.add_argument("--output", default="demo-output", help="folder for the demo's files")
-    demo.add_argument("--iterations", type=int, default=None, help="adaptation iterations")
+    demo.add_argument("--iterations", type=int, default=None,
+                      help="a fixed schedule of N iterations instead of the automatic schedule")
     add_device(demo)
 
 

@@ -4,7 +4,8 @@
 2. Site-B phantoms are made: a "patient", a few corrected cases, and unseen test phantoms.
 3. The patient is segmented with the site-A model.
 4. The cases (their exact phantom truth plays the clinician's corrections) go into the library.
-5. A background job adapts the model with DGST, with progress, and activates the new version.
+5. A background job adapts the model the way `lndgst adapt` does by default (the default method,
+   the automatic schedule), with progress, and activates the new version if its gate passes.
 6. The same segmenter (no restart) segments the patient again with the adapted version.
 7. Overlays before/after, the job's figure, and the Dice on the unseen site-B phantoms.
 The last line printed is exactly `dice_before=X dice_after=Y`.
@@ -28,7 +29,6 @@ from LymphNodeDGSTLib.adaptation.metrics import image_dice
 PATIENT_SEED = 100          # site-B phantom segmented before and after
 CASE_SEEDS = range(200, 205)  # site-B phantoms added as corrected cases
 TEST_SEEDS = range(300, 303)  # unseen site-B phantoms: the held-out Dice of the last line
-DEFAULT_ITERATIONS = 150
 
 
 def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | None = None,
@@ -44,8 +44,7 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
     from LymphNodeDGSTLib.demo.phantom import generate_phantom
 
     started = time.perf_counter()
-    iterations = iterations or DEFAULT_ITERATIONS
-    if iterations < 1:
+    if iterations is not None and iterations < 1:
         raise UserInputError("demo: --iterations must be at least 1")
     if locate_demo_model() is None:
         raise UserInputError("the demo model is missing (LymphNodeDGST/Resources/DemoModel/"
@@ -79,17 +78,20 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
         library.add(phantom.image, phantom.label)
     _say(f"3/6 added {len(library)} corrected site-B cases to the case library")
 
-    request = AdaptRequest(model=model, method="dgst", gamma=2, iterations=iterations,
-                           iterations_per_epoch=max(1, iterations // 5), device=str(chosen),
-                           learning_rate=1e-2)
+    # the product's default path (method and automatic schedule); --iterations: a fixed schedule
+    request = (AdaptRequest(model=model, device=str(chosen)) if iterations is None else
+               AdaptRequest(model=model, iterations=iterations,
+                            iterations_per_epoch=max(1, iterations // 5), device=str(chosen)))
     jobs = JobManager(demo_home.jobs)
     job = jobs.submit("adapt", {"home": str(demo_home.root), "request": asdict(request)},
                       device=str(chosen), exclusive_device=True)
-    _say(f"4/6 adapting with DGST (gamma 2, {iterations} iterations) in background job {job.id}")
+    schedule = "the automatic schedule" if iterations is None else f"{iterations} iterations"
+    _say(f"4/6 adapting with {request.method} ({schedule}) in background job {job.id}")
     if follow_job(jobs, job.id) != 0:
         info = jobs.get(job.id)
         raise RuntimeError(f"the adaptation job failed: {info.error}")
     result = jobs.get(job.id).result
+    _say(f"    {result['schedule_text']}")
     _say(f"    {result['version']} published; activated: {result['activated']}")
 
     after = segmenter.segment(patient.image, fast=True).label
@@ -110,7 +112,9 @@ def run_demo(home: Home, output: Path, device: str = "auto", iterations: int | N
             scores[key].append(image_dice(label, phantom.label))
     dice_before, dice_after = float(np.mean(scores["before"])), float(np.mean(scores["after"]))
     summary = {"model": model, "adapted": result["version"], "activated": result["activated"],
-               "iterations": iterations, "device": str(chosen),
+               "method": request.method, "schedule": result["schedule"],
+               "learning_rate": result["learning_rate"], "iterations": result["iterations"],
+               "device": str(chosen),
                "test_phantoms_dice_before": scores["before"], "test_phantoms_dice_after": scores["after"],
                "dice_before": dice_before, "dice_after": dice_after,
                "seconds": round(time.perf_counter() - started, 1)}

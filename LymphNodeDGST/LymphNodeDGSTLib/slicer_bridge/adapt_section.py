@@ -16,14 +16,16 @@ from LymphNodeDGSTLib.jobs.manager import JobManager
 
 # --------------------------------------------------------------------------- adaptation
 def adapt_request(model: str | None = None, method: str = ADAPT_DEFAULT_METHOD, gamma: int = 2,
-                  iterations: int = 250, device: str = "auto", **advanced: Any):
-    """An AdaptRequest with the module's defaults. It is never activated by the job itself
-    (activation "never"): the user chooses afterwards, seeing the before/after Dice."""
+                  iterations: int | None = None, device: str = "auto", **advanced: Any):
+    """An AdaptRequest with the module's defaults: the automatic schedule, or a fixed one when
+    `iterations` is given (`budget="20m"` etc. pass through `advanced`). It is never activated by
+    the job itself (activation "never"): the user chooses afterwards, seeing the before/after Dice."""
     from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest
 
     if "activation" in advanced:
         raise ValueError("the module always submits with activation 'never'")
-    return AdaptRequest(model=model, method=method, gamma=int(gamma), iterations=int(iterations),
+    return AdaptRequest(model=model, method=method, gamma=int(gamma),
+                        iterations=None if iterations is None else int(iterations),
                         device=device, activation="never", **advanced)
 
 
@@ -58,20 +60,30 @@ class AdaptationOutcome:
     held_out: bool
     figure: Path | None
     report: Path | None
+    gate_margin: float = 0.0           # > 0: the held-out case also chose the schedule
+    schedule_text: str | None = None   # how the schedule ran, in one sentence
 
     @property
     def recommended(self) -> bool:
-        """Use the adapted version if it is no worse than its parent (the CLI's rule)."""
-        return self.dice_after >= self.dice_before
+        """Use the adapted version if it passes the gate (the CLI's rule): no worse than its
+        parent, or better by the margin when the held-out case also chose the schedule."""
+        return self.dice_after >= self.dice_before + self.gate_margin
 
     def text(self) -> str:
         change = self.dice_after - self.dice_before
         where = "held-out cases" if self.held_out else (
             "the training cases (too few cases to hold one out: not an independent check)")
-        advice = ("The adapted model is no worse: using it is recommended." if self.recommended
-                  else "The adapted model is worse: keeping the current model is recommended.")
+        if self.gate_margin:
+            verdict = (f"better by at least {self.gate_margin:.2f}" if self.recommended else
+                       f"not better by {self.gate_margin:.2f} (the margin asked when the held-out "
+                       "case also chose the schedule)")
+        else:
+            verdict = "no worse" if self.recommended else "worse"
+        advice = (f"The adapted model is {verdict}: using it is recommended." if self.recommended
+                  else f"The adapted model is {verdict}: keeping the current model is recommended.")
+        schedule = f" {self.schedule_text}" if self.schedule_text else ""
         return (f"{self.version} (adapted from {self.parent}): Dice on {where} "
-                f"{self.dice_before:.3f} -> {self.dice_after:.3f} ({change:+.3f}). {advice}")
+                f"{self.dice_before:.3f} -> {self.dice_after:.3f} ({change:+.3f}). {advice}{schedule}")
 
     def kept_text(self) -> str:
         return (f"Kept {self.parent}; {self.version} stays installed and can be activated later in "
@@ -89,4 +101,5 @@ def adaptation_outcome(result: dict) -> AdaptationOutcome:
 
     return AdaptationOutcome(result["version"], result["parent"], float(result["dice_before"]),
                              float(result["dice_after"]), bool(result.get("evaluation_is_held_out")),
-                             optional_path("figure"), optional_path("report"))
+                             optional_path("figure"), optional_path("report"),
+                             float(result.get("gate_margin") or 0.0), result.get("schedule_text"))

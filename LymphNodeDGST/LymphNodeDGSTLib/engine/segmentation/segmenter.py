@@ -203,6 +203,16 @@ class Segmenter:
         finally:
             predictor.progress = predictor.cancel_event = None
 
+    def use_weights(self, weights: dict) -> None:
+        """Segment the loaded version with these network weights (one set, no fold ensemble)
+        instead of its checkpoints', until another version is loaded: a network still in
+        training is scored without writing it to disk. Load the version first (`prepare`)."""
+        if self._predictor is None:
+            raise RuntimeError("use_weights needs a loaded version: call prepare() or segment() first")
+        if self.backend_choice.used != "torch":
+            raise RuntimeError(f"use_weights needs the torch backend, not {self.backend_choice.used}")
+        self._predictor.list_of_parameters = [weights]
+
     # ------------------------------------------------------------ two stages, for batch prefetch
     def prepare(self, image: sitk.Image, model: str | ModelVersion | None = None,
                 crop_body: bool = True) -> "PreparedCase":
