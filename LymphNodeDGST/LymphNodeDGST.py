@@ -28,12 +28,11 @@ from LymphNodeDGSTLib.slicer_bridge.reporting import reported
 from LymphNodeDGSTLib.slicer_bridge.module_logic import ModuleLogic
 from LymphNodeDGSTLib.adaptation.methods import DEFAULT_METHOD as ADAPT_DEFAULT_METHOD
 from LymphNodeDGSTLib.adaptation.methods import METHODS as ADAPT_METHODS
-from LymphNodeDGSTLib.engine.segmentation.backends.decision import backend_line
 from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES
 from LymphNodeDGSTLib.slicer_bridge.environment import home_from_setting, worker_python
 from LymphNodeDGSTLib.slicer_bridge.folder_segmentation import folder_result_text, submit_folder_segmentation
 from LymphNodeDGSTLib.slicer_bridge.cases_section import CASE_COLUMNS
-from LymphNodeDGSTLib.slicer_bridge.segment_section import (DEVICE_CHOICES, NODE_TABLE_COLUMNS, node_centroid_world, node_table_cells)
+from LymphNodeDGSTLib.slicer_bridge.segment_section import (DEVICE_CHOICES, NODE_TABLE_COLUMNS, backend_text, node_centroid_world, node_table_cells)
 from LymphNodeDGSTLib.slicer_bridge.model_section import (INSTALL_JOB_KIND, MODEL_COLUMNS, device_text, export_adapter_for_row, install_job_params, selected_model_name)
 from LymphNodeDGSTLib.slicer_bridge.job_following import (POLL_INTERVAL_MS, JobFollower, failure_text, running_job, write_curve_png)
 from LymphNodeDGSTLib.slicer_bridge.panel_state import PanelStateMachine, adapt_blocker, segment_blocker
@@ -455,7 +454,7 @@ class LymphNodeDGSTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.segmentEditorWidget.setSourceVolumeNode(volume)
         self.ui.segmentStatusLabel.text = _("{n} node(s) found with {model} on {device} ({backend}) in {seconds} s.").format(
             n=len(self.nodeRows), model=result["model"], device=result["device"],
-            backend=backend_line(result.get("backend", "torch"), result.get("backend_detail")),
+            backend=backend_text(result),
             seconds=f"{result['seconds']:.0f}")
 
     def onNodeClicked(self, row, column):

@@ -378,6 +378,76 @@ def test_jobs_show_events_with_bytes_that_are_not_utf8(work, capsys):
     assert "caf\ufffd" in out and "done" in out
 
 
+def damaged_job(home: Path, name: str, events: list[dict] | None = None, pid: str | None = None) -> Path:
+    folder = home / "jobs" / name
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({"kind": "adapt", "created": "2026-12-01T00:00:00+00:00"}))
+    if events is None:
+        (folder / "events.ndjson").mkdir()  # a folder where the events file belongs
+    else:
+        (folder / "events.ndjson").write_text("".join(json.dumps(e) + "\n" for e in events))
+    if pid is not None:
+        (folder / "worker.pid").write_text(pid + "\n")
+    return folder
+
+
+def test_damaged_job_files_are_listed_and_shown(work, capsys):
+    """Issue 26, item 10. Catches: `eta_s` "abc" or NaN (ValueError in the clock), events.ndjson
+    a folder (IsADirectoryError) and a worker.pid past any pid (OverflowError in os.kill), each
+    a traceback that also broke `jobs list` for every other job."""
+    progress = {"type": "progress", "done": 1, "total": 10, "stage": "train"}
+    names = [damaged_job(work.home, "20261201-000000-0001", [{**progress, "eta_s": "abc"}]).name,
+             damaged_job(work.home, "20261201-000000-0002", [{**progress, "eta_s": float("nan")}]).name,
+             damaged_job(work.home, "20261201-000000-0003").name,
+             damaged_job(work.home, "20261201-000000-0004", [progress], pid="9" * 25).name]
+    code, out, err = run_main(capsys, work.home, "jobs", "list")
+    assert code == 0 and "Traceback" not in err, err
+    assert all(name in out for name in names), out
+    for name in names:
+        code, out, err = run_main(capsys, work.home, "jobs", "show", name)
+        assert code == 0 and "Traceback" not in err and name in out, err
+
+
+@pytest.mark.parametrize("pid", ["0", "-1", "1"])
+def test_cancel_never_signals_a_process_group_or_init(pid, work, monkeypatch, capsys):
+    """Issue 26, item 13. Catches: worker.pid 0 making `jobs cancel` send SIGTERM/SIGKILL to its
+    own process group (it killed unrelated processes and itself), -1 (every process we may
+    signal, or a traceback) and 1 (init). Signals are recorded here, never sent."""
+    import os
+
+    from LymphNodeDGSTLib.jobs import process_tree
+
+    sent = []
+    monkeypatch.setattr(process_tree.os, "kill", lambda target, signal: sent.append(("kill", target, signal)))
+    monkeypatch.setattr(process_tree.os, "killpg", lambda group, signal: sent.append(("killpg", group, signal)))
+    folder = damaged_job(work.home, "20261201-000000-0001", [{"type": "log", "message": "started"}], pid=pid)
+    code, out, err = run_main(capsys, work.home, "jobs", "cancel", folder.name)
+    assert "Traceback" not in err, err
+    assert [s for s in sent if s[0] == "killpg" or s[1] <= 1 or s[1] == os.getpid()] == []
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(work, monkeypatch, capsys):
+    """Issue 26, item 10. Catches: `lndgst jobs list | head -1` ending in a BrokenPipeError
+    traceback and "unexpected failure" once the reader had gone."""
+    import sys
+
+    for index in range(3):
+        damaged_job(work.home, f"20261201-000000-000{index}", [{"type": "log", "message": "x"}])
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = main(["--home", str(work.home), "jobs", "list"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err and "unexpected" not in err, err
+
+
 # --------------------------------------------------------------------------- downloads
 @contextmanager
 def raw_server(reply: bytes) -> Iterator[str]:

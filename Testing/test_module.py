@@ -313,7 +313,9 @@ def module_file_namespace() -> types.SimpleNamespace:
     for node in TREE.body:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("LymphNodeDGSTLib"):
             module = importlib.import_module(node.module)
-            names.update({alias.asname or alias.name: getattr(module, alias.name) for alias in node.names})
+            for alias in node.names:  # `from package import submodule` needs the submodule imported
+                value = getattr(module, alias.name, None) or importlib.import_module(f"{node.module}.{alias.name}")
+                names[alias.asname or alias.name] = value
     return types.SimpleNamespace(**names)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from conftest import make_ct, run_cli
 from LymphNodeDGSTLib.adaptation.cases import ranking
 from LymphNodeDGSTLib.adaptation.cases.diversity import diverse_order
 from LymphNodeDGSTLib.adaptation.cases.ranking import csv_text, rank_folder
+from LymphNodeDGSTLib.adaptation.cases.rank_cache import RankCache, well_formed
 from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 from LymphNodeDGSTLib.engine.store.models import ModelStore
 from LymphNodeDGSTLib.engine.segmentation.uncertainty import segment_with_uncertainty
@@ -102,6 +104,48 @@ def test_cache_is_reused_and_only_new_images_are_scored(tiny_segmenter, tmp_path
     assert len(calls) == 1, "only the new CT is scored"
     assert by_name["ct1.nrrd"].cached and by_name["renamed.nrrd"].cached and not by_name["ct3.nrrd"].cached
     assert by_name["renamed.nrrd"].score == {Path(r.path).name: r for r in first}["ct2.nrrd"].score
+
+
+DAMAGED_ENTRIES = {
+    "not JSON": b"{\"score\": 0.",
+    "not UTF-8": b"\xff\xfe{}",
+    "a list": b"[1, 2]",
+    "score a string": {"score": "abc"},
+    "score NaN": {"score": float("nan")},
+    "features a string": {"features": "abc"},
+    "node doubts a number": {"node_doubts": 5},
+    "node without a position": {"node_doubts": [{"kind": "node", "doubt": 0.5}]},
+    "skipped without a reason": {"status": "skipped", "reason": None},
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_ENTRIES), ids=list(DAMAGED_ENTRIES))
+def test_a_damaged_cache_entry_counts_as_missing(damage, tmp_path):
+    """Issue 26, item 14. Catches: a cache entry that is valid JSON but not an entry (a list, a
+    string score, features or doubts of the wrong type) returned as a hit, which failed the whole
+    rank job or skipped a CT on every later run. The docs promise a damaged entry counts as missing."""
+    cache = RankCache(tmp_path, "model")
+    good = {"status": "ok", "score": 0.7, "features": [0.1, 0.2], "image_sha256": "ab",
+            "node_doubts": [{"kind": "node", "doubt": 0.5, "centroid_lps_mm": [1.0, 2.0, 3.0]}]}
+    cache.put("hash", good)
+    assert cache.get("hash") == good
+    damaged = DAMAGED_ENTRIES[damage]
+    path = tmp_path / "model" / "hash.json"
+    path.write_bytes(damaged if isinstance(damaged, bytes) else json.dumps({**good, **damaged}).encode())
+    assert cache.get("hash") is None
+
+
+def test_a_ranking_rescores_over_a_damaged_cache_entry(tiny_segmenter, tmp_path):
+    """Issue 26, item 14, end to end: the entry replaced by a JSON list (AttributeError in the
+    rank job before) is scored again and written again, whole."""
+    folder, cache = tmp_path / "cts", tmp_path / "cache"
+    _write_cts(folder, [1])
+    first = rank_folder(folder, tiny_segmenter, cache_root=cache)
+    [entry_file] = list(cache.rglob("*.json"))
+    entry_file.write_text("[1, 2]")
+    second = rank_folder(folder, tiny_segmenter, cache_root=cache)
+    assert [(r.status, r.cached, r.score) for r in second] == [("ok", False, first[0].score)]
+    assert well_formed(json.loads(entry_file.read_text()))
 
 
 def test_bad_files_are_reported_per_file_and_the_job_completes(installed_home, tmp_path):

@@ -7,6 +7,7 @@ no permission): one clear line on stderr, nothing written; 1 unexpected failure.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
@@ -70,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lndgst: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`lndgst jobs list | head -1`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError, AttributeError):  # a stdout that is not a file
+            pass
+        return EXIT_OK
     except Exception as error:  # noqa: BLE001 - last resort: say it is a bug, keep the traceback
         problem = environment_problem(error)
         if problem is not None:  # a full disk or read-only folder is the user's to fix

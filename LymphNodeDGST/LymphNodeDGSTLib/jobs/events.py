@@ -184,6 +184,8 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
             data = handle.read()
     except FileNotFoundError:
         return [], offset
+    except OSError:  # a folder or an unreadable file in its place: no event can be read
+        return [], offset
     end = data.rfind(b"\n")
     if end < 0:
         return [], offset

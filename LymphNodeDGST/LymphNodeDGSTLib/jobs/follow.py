@@ -69,8 +69,12 @@ def _stage_name(stage: object) -> str:
     return STAGE_NAMES.get(stage, str(stage)) if isinstance(stage, str) else "progress"
 
 
-def clock(seconds: float) -> str:
-    seconds = max(0, int(round(float(seconds))))
+def clock(seconds: object) -> str:
+    """h:mm:ss of a duration; "?" for what a damaged events file holds instead of seconds."""
+    try:
+        seconds = max(0, int(round(float(seconds))))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):  # "abc", None, NaN, inf
+        return "?"
     hours, rest = divmod(seconds, 3600)
     return (f"{hours}:" if hours else "") + f"{rest // 60:02d}:{rest % 60:02d}"
 

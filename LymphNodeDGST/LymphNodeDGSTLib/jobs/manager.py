@@ -293,11 +293,18 @@ def _read_spec(folder: Path) -> dict | None:
     return spec if isinstance(spec, dict) else None
 
 
+MAX_PID = 2 ** 22  # Linux's pid_max ceiling; Windows' pids are below it too in practice
+
+
 def _read_pid(path: Path) -> int | None:
+    """The worker's pid, or None when the file is missing or damaged. 0, 1, negative numbers, our
+    own pid and numbers past any pid are damage: signalling 0 or -1 would reach our own process
+    group or every process we may signal (issue 26, item 13)."""
     try:
-        return int(path.read_text().strip())
+        pid = int(path.read_text(encoding="ascii", errors="replace").strip())
     except (OSError, ValueError):
         return None
+    return pid if 1 < pid < MAX_PID and pid != os.getpid() else None
 
 
 def _age_since(created: str | None) -> float:

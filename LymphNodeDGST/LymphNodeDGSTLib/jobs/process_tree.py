@@ -100,6 +100,8 @@ def _windows_pid_alive(pid: int) -> bool:
 def _ask_to_stop(pid: int) -> None:
     if os.name == "nt":
         return  # no SIGTERM there (it would kill at once): the worker polls the cancel file
+    if pid <= 1 or pid == os.getpid():  # 0 and -1 mean process groups: never ours to signal
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -158,6 +160,8 @@ def _force_kill(pid: int, job_id: str = "", known: list | None = None) -> list:
     """Kill the whole job at once: launcher, worker and every descendant (SIGKILL;
     TerminateProcess on Windows). `known`: processes seen earlier, so that a child orphaned
     meanwhile is not missed. Returns the processes it found, for `_end_leftovers` to reap."""
+    if pid <= 1 or pid == os.getpid():
+        return list(known or [])
     processes = list({p.pid: p for p in [*(known or []), *job_processes(pid, job_id)]}.values())
     for process in processes:
         try:

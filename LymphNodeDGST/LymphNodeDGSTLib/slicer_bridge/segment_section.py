@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from LymphNodeDGSTLib.engine.segmentation.backends.decision import backend_line
 from LymphNodeDGSTLib.engine.segmentation.backends.names import BACKEND_CHOICES
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.home import Home
@@ -198,3 +199,10 @@ def segment_editor_node(scene, tag: str = "LymphNodeDGST"):
         node.SetSingletonTag(tag)
         node = scene.AddNode(node)
     return node
+
+
+def backend_text(result: dict) -> str:
+    """The backend a segment job ran with and why, as `segment` reports it ("openvino-bf16, guard
+    Dice 0.9981")."""
+    return backend_line(str(result.get("backend", "torch")), result.get("backend_detail"))
+
