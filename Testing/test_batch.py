@@ -160,9 +160,90 @@ def test_parts_cover_the_folder_exactly_once_and_merge(tmp_path):
         merge_cohort_csvs([out], tmp_path / "all3.csv")
 
 
-@pytest.mark.parametrize("spec", ["3/2", "0/0", "0/3", "1/0", "a/b", "2"])
+def test_case_names_are_unique_stable_and_named_by_the_file(tmp_path):
+    """Issue 26, items 3 and 25. Catches: `sub/b.nii.gz` and `sub__b.nii.gz` both named `sub__b`
+    (one label overwritten, two CSV rows for one file, both redone on every run), and a dangling
+    link named `dang.nii.gz` (its suffix kept because it is not a file)."""
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("sub/b.nii.gz", "sub__b.nii.gz", "a.nii", "a.nrrd"):
+        sitk.WriteImage(sitk.Image(2, 2, 2, sitk.sitkInt16), str(inputs / name))
+    (inputs / "dang.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    cases = discover_cases(inputs).cases
+    names = {c.path.relative_to(inputs).as_posix(): c.name for c in cases}
+    assert len(set(names.values())) == len(names) == 5, names
+    assert names["dang.nii.gz"] == "dang" and names["a.nii"] == "a.nii" and names["a.nrrd"] == "a.nrrd"
+    assert names["sub/b.nii.gz"].startswith("sub__b.nii.gz-") and names["sub__b.nii.gz"].startswith("sub__b.nii.gz-")
+    assert {c.path: c.name for c in discover_cases(inputs).cases} == {c.path: c.name for c in cases}  # stable
+
+
+MERGE_PROBLEMS = {
+    "nodes not a number": ("cohort.part-1-of-1.csv", {"nodes": "abc"}, "is not a number"),
+    "negative count": ("cohort.part-1-of-1.csv", {"nodes": "-3"}, ">= 0"),
+    "NaN volume": ("cohort.part-1-of-1.csv", {"total_volume_mm3": "nan"}, "finite"),
+    "unknown status": ("cohort.part-1-of-1.csv", {"status": "fine"}, "is not one of"),
+    "short row": ("cohort.part-1-of-1.csv", "short", "fewer fields"),
+    "not UTF-8": ("cohort.part-1-of-1.csv", b"case,status\n\xff\xfe\n", "not UTF-8"),
+    "huge field": ("cohort.part-1-of-1.csv", {"message": "x" * 2_000_000}, "not a cohort CSV"),
+    "part 3 of 2": ("cohort.part-3-of-2.csv", {}, "cannot exist"),
+    "part 0 of 0": ("cohort.part-0-of-0.csv", {}, "cannot exist"),
+}
+
+
+@pytest.mark.parametrize("problem", list(MERGE_PROBLEMS), ids=list(MERGE_PROBLEMS))
+def test_cohort_merge_refuses_what_is_not_a_cohort_part(problem, tmp_path):
+    """Issue 26, items 10 and 15. Catches: `nodes=abc`, non-UTF-8 bytes and a field over 131,072
+    characters ending in tracebacks; short rows, unknown statuses, negative counts and NaN merged
+    as if valid; forged part names (3 of 2, 0 of 0) accepted."""
+    from LymphNodeDGSTLib.engine.cohort.table import COLUMNS, CohortRow
+
+    name, change, message = MERGE_PROBLEMS[problem]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    path = parts / name
+    write_cohort_csv([CohortRow("a", "segmented", 1, 10.0, 5.0, "tiny@1", 1.0)], path)
+    if isinstance(change, bytes):
+        path.write_bytes(change.replace(b"case,status", ",".join(COLUMNS).encode()))
+    elif change == "short":
+        path.write_text(",".join(COLUMNS) + "\na,segmented,1\n")
+    elif change:
+        row = dict(zip(COLUMNS, path.read_text().splitlines()[1].split(",")))
+        path.write_text(",".join(COLUMNS) + "\n" + ",".join({**row, **change}.values()) + "\n")
+    with pytest.raises(UserInputError, match=message):
+        merge_cohort_csvs([path], tmp_path / "all.csv")
+    assert not (tmp_path / "all.csv").exists()
+
+
+def test_cohort_merge_output_rules_and_a_subset_by_name(tmp_path):
+    """Issue 26, items 10 and 15. Catches: `-o` naming an existing folder (IsADirectoryError),
+    `-o` overwriting one of its own parts, and the hint "name the files to merge" not working
+    (explicitly named part files were still checked for completeness)."""
+    from LymphNodeDGSTLib.engine.cohort.table import CohortRow
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for k in (1, 2, 3):
+        write_cohort_csv([CohortRow(f"case{k}", "segmented", 1)], parts / f"cohort.part-{k}-of-3.csv")
+    with pytest.raises(UserInputError, match="is a folder"):
+        merge_cohort_csvs([parts], tmp_path)
+    own = parts / "cohort.part-1-of-3.csv"
+    before = own.read_bytes()
+    with pytest.raises(UserInputError, match="one of the CSVs being merged"):
+        merge_cohort_csvs([parts], own)
+    assert own.read_bytes() == before
+    (parts / "cohort.part-3-of-3.csv").unlink()
+    with pytest.raises(UserInputError, match="parts 3 of 3 are missing; run them, or name the part files"):
+        merge_cohort_csvs([parts], tmp_path / "all.csv")
+    merged = merge_cohort_csvs([parts / "cohort.part-1-of-3.csv", parts / "cohort.part-2-of-3.csv"],
+                               tmp_path / "all.csv")
+    assert [r.case for r in merged] == ["case1", "case2"]
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "0/3", "1/0", "a/b", "2", "1/99999999999999999999999",
+                                  "1/100001", "\u0661/\u0662"])
 def test_bad_part_specs_are_refused(spec):
-    """Mutation caught: the 1 <= K <= N check dropped (3/2 and 0/3 would be accepted)."""
+    """Mutation caught: the 1 <= K <= N check dropped (3/2 and 0/3 would be accepted). Issue 26,
+    items 10 and 26: a 23-digit N accepted, and Arabic-Indic digits read as 1/2 by `\\d`."""
     with pytest.raises(UserInputError, match="--part"):
         parse_part(spec)
 
@@ -171,7 +252,7 @@ BAD_BATCH_INPUTS = {
     "empty folder": (lambda d: [], "no CT images or DICOM series"),
     "output inside input": (lambda d: ["--part", "1/1"], "inside the input folder"),
     "part 3/2": (lambda d: ["--part", "3/2"], "K must be between 1 and N"),
-    "part 0/0": (lambda d: ["--part", "0/0"], "N must be at least 1"),
+    "part 0/0": (lambda d: ["--part", "0/0"], "N must be from 1"),
     "absent GPU": (lambda d: ["--devices", "cuda:0,cuda:1"], "requested but"),
     "empty device": (lambda d: ["--devices", "cpu,"], "empty device name"),
 }

@@ -448,6 +448,23 @@ def test_a_closed_pipe_ends_the_listing_quietly(work, monkeypatch, capsys):
     assert code == 0 and "Traceback" not in err and "unexpected" not in err, err
 
 
+def test_homes_a_user_can_get_wrong_are_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 26, items 10 and 22. Catches: `--home '~nosuchuser/x'` (RuntimeError from
+    expanduser) and a symlink loop (RuntimeError from resolve) as tracebacks, and
+    LNDGST_HOME=' ' used as a folder named " " in the working directory."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    for home, fragment in (("~nosuchuser-lndgst/x", "Could not determine home"), (str(loop / "x"), "loop")):
+        code = main(["--home", home, "models", "list"])
+        assert_one_clear_line(code, capsys.readouterr().err, fragment)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LNDGST_HOME", " ")
+    code = main(["models", "list"])
+    assert_one_clear_line(code, capsys.readouterr().err, "LNDGST_HOME is blank")
+    assert not (tmp_path / " ").exists()
+
+
 # --------------------------------------------------------------------------- downloads
 @contextmanager
 def raw_server(reply: bytes) -> Iterator[str]:

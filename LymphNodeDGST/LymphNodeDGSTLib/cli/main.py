@@ -19,7 +19,7 @@ from LymphNodeDGSTLib.cli.options import CommandParser
 from LymphNodeDGSTLib.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,  # noqa: F401 (re-exported)
                                      Cancelled, OutOfMemory, UserInputError, WriteFailed,
                                      environment_problem)
-from LymphNodeDGSTLib.home import home_problem, resolve_home
+from LymphNodeDGSTLib.home import Home, home_problem, resolve_home
 
 # Each command group: a module with COMMAND, register(subparsers) and handle(args, home), in the
 # order `lndgst --help` lists them.
@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_home(explicit: str | None) -> Home:
+    """resolve_home, with what a user can get wrong said in one line: a blank $LNDGST_HOME (it
+    would be a folder named " "), an unknown ~user, a symlink loop."""
+    environment = os.environ.get("LNDGST_HOME")
+    if explicit is None and environment is not None and environment and not environment.strip():
+        raise UserInputError("$LNDGST_HOME is blank; set it to a folder, or unset it to use "
+                             "~/.lymphnode-dgst")
+    try:
+        return resolve_home(explicit)
+    except (RuntimeError, OSError) as error:  # "Could not determine home directory", loops
+        raise UserInputError(f"cannot use home {explicit or environment}: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -50,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.home is not None and not args.home.strip():
             raise UserInputError("--home is empty; give a folder (or leave --home out to use "
                                  "$LNDGST_HOME or ~/.lymphnode-dgst)")
-        home = resolve_home(args.home)
+        home = _chosen_home(args.home)
         problem = home_problem(home)
         if problem:
             raise UserInputError(problem + " (--home DIR or $LNDGST_HOME)")

@@ -3,7 +3,10 @@
 Discovery walks INPUT_DIR: every file with an image suffix (.nii.gz, .nii, .nrrd, .nhdr, .mha,
 .mhd) is a case, and so is every folder that holds DICOM files (one series per folder). Other
 files are ignored (and counted). A case's name is its path relative to INPUT_DIR without the
-image suffix, '/' written as '__' (`p01/ct.nii.gz` -> `p01__ct`), so names are unique and stable.
+image suffix, '/' written as '__' (`p01/ct.nii.gz` -> `p01__ct`). Names that would still be the
+same (`a.nii` beside `a.nrrd`: the suffix is kept; `sub/b.nii.gz` beside `sub__b.nii.gz`: a short
+hash of the relative path is added) are made unique when the cohort is planned, so every input
+has its own label and CSV row, under the same name on every run.
 
 A case's identity for resuming is `image_sha256`: a hash of the decoded voxels, pixel type and
 geometry, so the same CT stored as NIfTI or NRRD, or renamed, is recognised, and a changed file
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +46,12 @@ class Discovery:
     ignored: list[Path]
 
 
-def case_name(path: Path, root: Path) -> str:
+def case_name(path: Path, root: Path, folder: bool = False) -> str:
+    """The name of the image file (or, with `folder`, the DICOM folder) `path` under `root`. The
+    suffix goes by the name, so a dangling link is named like the file it points to."""
     relative = path.relative_to(root)
     text = relative.as_posix()
-    if path.is_file():
+    if not folder:
         lower = text.lower()
         suffix = next(s for s in IMAGE_SUFFIXES if lower.endswith(s))
         text = text[:-len(suffix)]
@@ -75,11 +81,11 @@ def discover_cases(root: str | os.PathLike, output: str | os.PathLike | None = N
             else:
                 other.append(path)
         if other and _holds_dicom(folder_path, other):
-            name = case_name(folder_path, root)
+            name = case_name(folder_path, root, folder=True)
             cases.append(CohortCase("dicom" if name == "." else name, folder_path, True))
         else:
             ignored.extend(other)
-    cases = _unique_names(cases)
+    cases = _unique_names(cases, root)
     if not cases:
         raise UserInputError(f"no CT images or DICOM series found in {root} (looked for "
                              + ", ".join(IMAGE_SUFFIXES) + " files and DICOM folders)")
@@ -98,19 +104,20 @@ def _holds_dicom(folder: Path, files: list[Path]) -> bool:
         return False
 
 
-def _unique_names(cases: list[CohortCase]) -> list[CohortCase]:
-    """`a.nii` beside `a.nrrd`: both keep their suffix in the name (`a.nii`, `a.nrrd`)."""
-    counts: dict[str, int] = {}
-    for case in cases:
-        counts[case.name] = counts.get(case.name, 0) + 1
-    unique = []
-    for case in cases:
-        if counts[case.name] > 1 and not case.dicom:
-            unique.append(CohortCase(case.name + "." + case.path.name.split(".", 1)[1],
-                                     case.path, case.dicom))
-        else:
-            unique.append(case)
-    return unique
+def _unique_names(cases: list[CohortCase], root: Path) -> list[CohortCase]:
+    """`a.nii` beside `a.nrrd`: both keep their suffix in the name (`a.nii`, `a.nrrd`); names
+    still shared after that (`sub/b.nii.gz` and `sub__b.nii.gz`) get a hash of their relative path."""
+    counts = Counter(case.name for case in cases)
+    cases = [replace(case, name=case.name + "." + case.path.name.split(".", 1)[1])
+             if counts[case.name] > 1 and not case.dicom and "." in case.path.name else case
+             for case in cases]
+    counts = Counter(case.name for case in cases)
+    return [replace(case, name=f"{case.name}-{_path_hash(case.path, root)}") if counts[case.name] > 1 else case
+            for case in cases]
+
+
+def _path_hash(path: Path, root: Path) -> str:
+    return hashlib.sha256(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _check_output_outside(root: Path, output: Path) -> None:

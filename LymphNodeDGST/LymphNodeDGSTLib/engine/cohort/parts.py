@@ -14,7 +14,8 @@ from typing import Sequence, TypeVar
 from LymphNodeDGSTLib.errors import UserInputError
 
 T = TypeVar("T")
-_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_PATTERN = re.compile(r"^\s*([0-9]{1,9})\s*/\s*([0-9]{1,9})\s*$", re.ASCII)  # not Arabic-Indic digits
+MAX_PARTS = 100_000  # more parts than any cluster runs jobs; bounds the merge's bookkeeping
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def parse_part(spec: str | None) -> Part:
     if not match:
         raise UserInputError(f"--part '{spec}': write K/N, e.g. 2/3 (part K of N, counted from 1)")
     index, count = int(match.group(1)), int(match.group(2))
-    if count < 1:
-        raise UserInputError(f"--part '{spec}': N must be at least 1")
+    if not 1 <= count <= MAX_PARTS:
+        raise UserInputError(f"--part '{spec}': N must be from 1 to {MAX_PARTS}")
     if not 1 <= index <= count:
         raise UserInputError(f"--part '{spec}': K must be between 1 and N={count} (parts are "
                              "counted from 1)")
