@@ -465,6 +465,27 @@ def test_homes_a_user_can_get_wrong_are_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / " ").exists()
 
 
+def test_text_from_files_cannot_drive_the_terminal(work, capsys):
+    """Issue 26, items 20 and 21. Catches: `models list` printing a version's method with raw line
+    breaks and ESC sequences (a file can rewrite the user's screen or forge lines), "held-out
+    Dice nan" for a metric that is not a number, and the same through `jobs list/show`."""
+    version_json = work.home / "models" / "tiny" / "versions" / "1" / "version.json"
+    metadata = json.loads(version_json.read_text())
+    metadata.update(method="dgst\n  * forged@9\x1b[2J", metrics={"dice_after": float("nan")})
+    version_json.write_text(json.dumps(metadata))
+    code, out, err = run_main(capsys, work.home, "models", "list")
+    assert code == 0, err
+    assert "\x1b" not in out and "\\x1b[2J" in out, out
+    assert not any(line.strip().startswith("* forged") for line in out.splitlines()), out
+    assert "nan" not in out.lower(), out
+    folder = damaged_job(work.home, "20261201-000000-0001",
+                         [{"type": "error", "message": "bad\x1b]0;title\x07", "cancelled": False}])
+    (folder / "job.json").write_text(json.dumps({"kind": "adapt\x1b[31m", "created": "2026\n-12"}))
+    for args in (("jobs", "list"), ("jobs", "show", folder.name, "--events")):
+        code, out, err = run_main(capsys, work.home, *args)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out and "\n-12" not in out, out
+
+
 # --------------------------------------------------------------------------- downloads
 @contextmanager
 def raw_server(reply: bytes) -> Iterator[str]:

@@ -6,6 +6,7 @@ as one line on stderr and exits with status 2, having written nothing.
 
 
 import errno
+import unicodedata
 
 
 class UserInputError(Exception):
@@ -55,3 +56,11 @@ def environment_problem(error: BaseException) -> str | None:
         return None
     where = f" ({error.filename})" if error.filename else ""
     return f"{error.strerror or error}{where}: {_ENVIRONMENT_HINTS[error.errno]}"
+
+
+def printable(text: object) -> str:
+    """Text read from a file, safe for a terminal: control and format characters (line breaks,
+    ESC sequences, bidi overrides) shown as Python escapes (`\\n`, `\\x1b`) instead of acting."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Cf") else c
+                   for c in str(text))
+

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import IO
 
-from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError
+from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError, printable
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.jobs.events import EVENTS_FILE, JobInfo
 from LymphNodeDGSTLib.jobs.manager import JobManager
@@ -40,15 +40,19 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         if args.events:
             print("events:")
             # The worker writes UTF-8; a damaged byte is shown as U+FFFD rather than stopping.
-            raw = (info.folder / EVENTS_FILE).read_bytes() if (info.folder / EVENTS_FILE).exists() else b""
-            print(raw.decode("utf-8", errors="replace"), end="")
+            try:
+                raw = (info.folder / EVENTS_FILE).read_bytes()
+            except OSError:  # missing, or a folder in its place
+                raw = b""
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                print(printable(line))
     elif command == "cancel":
         before = manager.get(args.id)
         if before.state != "running":
             print(f"job {before.id} is already {before.state}")
             return EXIT_OK
         info = manager.cancel(args.id, timeout=args.timeout)
-        print(f"job {info.id} {info.state}" + (f": {info.error}" if info.error else ""))
+        print(f"job {info.id} {info.state}" + (f": {printable(info.error)}" if info.error else ""))
     else:
         raise UserInputError("jobs: choose one of list, show, cancel")
     return EXIT_OK
@@ -68,14 +72,14 @@ def print_job_list(infos: list[JobInfo], file: IO[str] | None = None) -> None:
         return
     print(f"{'ID':<22} {'KIND':<10} {'STATE':<10} {'PROGRESS':>8}  CREATED", file=file)
     for info in infos:
-        print(f"{info.id:<22} {_short_kind(info.kind):<10} {info.state:<10} "
-              f"{format_progress(info):>8}  {info.created}", file=file)
+        print(f"{info.id:<22} {printable(_short_kind(str(info.kind))):<10} {info.state:<10} "
+              f"{format_progress(info):>8}  {printable(info.created)}", file=file)
 
 
 def print_job(info: JobInfo, file: IO[str] | None = None) -> None:
     file = file or sys.stdout
-    print(f"job {info.id}: {info.kind}, {info.state}", file=file)
-    print(f"created: {info.created}", file=file)
+    print(f"job {info.id}: {printable(info.kind)}, {info.state}", file=file)
+    print(f"created: {printable(info.created)}", file=file)
     print(f"folder: {info.folder}", file=file)
     print(f"pid: {info.pid if info.pid is not None else '-'}", file=file)
     print("spec: " + json.dumps(info.spec, indent=2), file=file)
@@ -83,11 +87,11 @@ def print_job(info: JobInfo, file: IO[str] | None = None) -> None:
         progress = info.last_progress
         stage = f"{progress['stage']} " if progress.get("stage") else ""
         eta = f", ETA {clock(progress['eta_s'])}" if progress.get("eta_s") is not None else ""
-        print(f"progress: {stage}{progress.get('done')}/{progress.get('total')}{eta}", file=file)
+        print(printable(f"progress: {stage}{progress.get('done')}/{progress.get('total')}{eta}"), file=file)
     if info.result is not None:
         print("result: " + json.dumps(info.result, indent=2), file=file)
     if info.error:
-        print(f"error: {info.error}", file=file)
+        print(f"error: {printable(info.error)}", file=file)
 
 
 def _short_kind(kind: str) -> str:

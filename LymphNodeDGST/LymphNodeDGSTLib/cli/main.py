@@ -18,7 +18,7 @@ from LymphNodeDGSTLib.cli import adapt, bench, cases, cohort, demo, jobs, models
 from LymphNodeDGSTLib.cli.options import CommandParser
 from LymphNodeDGSTLib.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE,  # noqa: F401 (re-exported)
                                      Cancelled, OutOfMemory, UserInputError, WriteFailed,
-                                     environment_problem)
+                                     environment_problem, printable)
 from LymphNodeDGSTLib.home import Home, home_problem, resolve_home
 
 # Each command group: a module with COMMAND, register(subparsers) and handle(args, home), in the
@@ -102,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def one_line(message: str) -> str:
-    """The exit-2 contract is one line: text from outside (a server's reply, a file name) may
-    hold line breaks."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", message).strip()
+    """The exit-2 contract is one line: text from outside (a server's reply, a file name, a
+    header) may hold line breaks, and terminal escapes, which are shown as escapes."""
+    return printable(re.sub(r"\s*[\r\n]+\s*", " ", message).strip())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError
+from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError, printable
 from LymphNodeDGSTLib.home import Home
 
 COMMAND = "models"
@@ -68,7 +68,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
             for version in versions:
                 print("  " + format_version_line(version, active))
             for problem in problems:  # listed, not fatal: `list` is where a user looks first
-                print(f"  ! damaged: {problem}")
+                print(f"  ! damaged: {printable(problem)}")
     elif command == "activate":
         name, number = parse_model_spec(args.spec)
         if number is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from LymphNodeDGSTLib.atomic import staging_folder, write_json_atomic
-from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError
+from LymphNodeDGSTLib.errors import ModelValidationError, UserInputError, printable
 from LymphNodeDGSTLib.engine.store.fetch import (check_url, download, extract_zip_safely, is_url,
                                            verify_sha256)
 from LymphNodeDGSTLib.engine.store.json_files import (BOOLEAN, OBJECT, OPTIONAL_NUMBER, OPTIONAL_OBJECT,
@@ -481,16 +482,18 @@ def default_model_name(folder: Path) -> str:
 
 
 def format_version_line(version: ModelVersion, active: int | None) -> str:
+    """One line of `models list`; text from version.json is escaped (an adapter's record may hold
+    line breaks or terminal escapes), a metric that is not a finite number is left out."""
     marker = "*" if version.version == active else " "
     meta = version.metadata
-    parts = [f"{marker} {version.ref}", meta.get("created", "")]
+    parts = [f"{marker} {version.ref}", printable(meta.get("created", ""))]
     if meta.get("parent") is not None:
-        parts.append(f"parent @{meta['parent']}")
+        parts.append(f"parent @{printable(meta['parent'])}")
     if meta.get("method"):
-        parts.append(f"method {meta['method']}")
-    metrics = meta.get("metrics") or {}
+        parts.append(f"method {printable(meta['method'])}")
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
     metric = metrics.get("dice_after")
-    if metric is not None:
+    if isinstance(metric, (int, float)) and not isinstance(metric, bool) and math.isfinite(metric):
         held_out = metrics.get("evaluation_is_held_out", True)
         parts.append(f"{'held-out Dice' if held_out else 'Dice on its training cases'} {metric:.3f}")
     return "  ".join(p for p in parts if p)
