@@ -69,6 +69,9 @@ CORRUPT = {
                                      "a slice is missing"),
     "NaN voxels": (lambda ct, d: with_value(ct, np.nan, d / "ct.nrrd"), "3 NaN voxel(s)"),
     "infinite voxels": (lambda ct, d: with_value(ct, np.inf, d / "ct.mha"), "3 infinite voxel(s)"),
+    # issue 26, item 6: ITK's NIfTI reader returns these as 0, so only the stored bytes tell
+    "NaN voxels in .nii.gz": (lambda ct, d: with_value(ct, np.nan, d / "ct.nii.gz"), "stores 3 NaN voxel(s)"),
+    "infinite voxels in .nii": (lambda ct, d: with_value(ct, -np.inf, d / "ct.nii"), "stores 3 infinite voxel(s)"),
 }
 
 
@@ -90,7 +93,8 @@ def test_cases_add_refuses_a_corrupt_ct(tmp_path, capsys, case):
     assert tree_snapshot(home) == before and CaseLibrary(home / "cases").list() == []
 
 
-@pytest.mark.parametrize("case", ["truncated .nii.gz", "DICOM series missing a slice", "NaN voxels"])
+@pytest.mark.parametrize("case", ["truncated .nii.gz", "DICOM series missing a slice", "NaN voxels",
+                                  "NaN voxels in .nii.gz"])
 def test_segment_refuses_a_corrupt_ct_before_any_work(installed_home, tmp_path, monkeypatch, capsys, case):
     from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
 

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LymphNodeDGSTLib.atomic import default_mode, temporary_sibling
-from LymphNodeDGSTLib.engine.images.integrity import (check_finite_voxels, check_nifti_complete,
+from LymphNodeDGSTLib.engine.images.integrity import (check_finite_voxels, check_nifti_complete, check_nifti_finite,
                                                      check_slice_spacing)
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
@@ -46,6 +46,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     check_3d_scalar(image, f"{what} {path}")
     if path.is_file():
         check_nifti_complete(path, f"{what} {path}")
+        check_nifti_finite(path, f"{what} {path}")
     check_finite_voxels(image, f"{what} {path}")
     return image
 

@@ -4,6 +4,8 @@
 - A DICOM series with a missing (or doubled) slice: read as if evenly spaced, so every slice
   after the gap sits at the wrong place.
 - NaN or infinite voxels: NaN empties the network's output where it appears, inf inflates it.
+  ITK's NIfTI reader turns stored NaN and inf into 0 without a word, so a float NIfTI file's
+  stored data is scanned itself (`check_nifti_finite`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,68 @@ def check_nifti_complete(path: Path, what: str) -> None:
     if actual < expected:
         raise UserInputError(f"{what} is truncated: it holds {actual} of the {expected} bytes its "
                              "header announces (an interrupted copy or download?)")
+
+
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def check_nifti_finite(path: Path, what: str) -> None:
+    """Refuse a float .nii or .nii.gz whose stored voxels hold NaN or inf (read back as 0 by ITK)."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    layout = _nifti_float_layout(path, compressed=name.endswith(".gz"))
+    if layout is None:
+        return
+    dtype, offset, count = layout
+    nan = infinite = 0
+    try:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            handle.seek(offset)
+            remaining = count * dtype.itemsize
+            while remaining > 0:
+                block = handle.read(min(1 << 24, remaining))
+                block = block[:len(block) - len(block) % dtype.itemsize]
+                if not block:
+                    break
+                values = np.frombuffer(block, dtype=dtype)
+                nan += int(np.isnan(values).sum())
+                infinite += int(np.isinf(values).sum())
+                remaining -= len(block)
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable or truncated: the other checks say so
+    if nan or infinite:
+        parts = [f"{nan} NaN" if nan else "", f"{infinite} infinite" if infinite else ""]
+        raise UserInputError(f"{what} stores {' and '.join(p for p in parts if p)} voxel(s) of {count} "
+                             "(ITK would read them as 0); fix or replace them (e.g. by -1000 HU) first")
+
+
+def _nifti_float_layout(path: Path, compressed: bool) -> tuple[np.dtype, int, int] | None:
+    """(dtype, data offset, voxel count) of a float NIfTI-1/2 file, or None for other files."""
+    try:
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as handle:
+            header = handle.read(NIFTI2_HEADER)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for endian in "<>":
+        if len(header) >= NIFTI1_HEADER and struct.unpack(endian + "i", header[:4])[0] == NIFTI1_HEADER:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), NIFTI1_HEADER)
+        elif len(header) >= NIFTI2_HEADER and struct.unpack(endian + "i", header[:4])[0] == NIFTI2_HEADER:
+            datatype = struct.unpack(endian + "h", header[12:14])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = max(struct.unpack(endian + "q", header[168:176])[0], NIFTI2_HEADER)
+        else:
+            continue
+        rank = dims[0]
+        if datatype not in NIFTI_FLOAT_TYPES or not 1 <= rank <= 7 or any(d < 1 for d in dims[1:rank + 1]):
+            return None
+        count = int(np.prod(dims[1:rank + 1], dtype=np.int64))
+        return np.dtype(endian + NIFTI_FLOAT_TYPES[datatype]), offset, count
+    return None
 
 
 def _nifti_expected_bytes(path: Path, compressed: bool) -> int | None:
