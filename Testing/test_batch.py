@@ -128,6 +128,37 @@ def test_next_case_is_prepared_while_the_network_runs(installed_home, tmp_path, 
     assert set(prepared_names) == {"lndgst-prefetch"}
 
 
+def test_file_names_that_are_not_utf8_never_abort(installed_home, tmp_path):
+    """Issue 26, item 4. Catches: a CT or an output whose name holds a byte that is not UTF-8
+    reaching SimpleITK, which aborts the whole process (SIGABRT, exit 134: the batch wrote no
+    cohort.csv, a 0-byte temporary file stayed). Run as real processes, so an abort fails the test
+    instead of killing it. A single-file CT is read through a link under a plain name."""
+    import os
+
+    from conftest import run_cli
+
+    def bad(folder, name: str):
+        return folder / os.fsdecode(name.encode().replace(b"BAD", b"\xff"))
+
+    inputs = write_cohort(tmp_path / "in", 2)
+    (inputs / "ct00.nii.gz").rename(bad(inputs, "ctBAD.nii.gz"))
+    out = tmp_path / "out"
+    batch = run_cli("segment", str(inputs), str(out), "--fast", "--device", "cpu", home=installed_home)
+    assert batch.returncode == 0 and "Traceback" not in batch.stderr, batch.stderr
+    rows = rows_of(out / "cohort.csv")  # UTF-8 text: the byte shown as \xff
+    assert {name: row["status"] for name, row in rows.items()} == {"ct\\xff": "segmented", "ct01": "segmented"}
+    assert (out / "ct\\xff.nii.gz").is_file()
+
+    output = bad(tmp_path, "labelBAD.nii.gz")
+    single = run_cli("segment", str(bad(inputs, "ctBAD.nii.gz")), str(output), "--fast", "--device", "cpu",
+                     home=installed_home)
+    assert single.returncode == 0, single.stderr
+    import shutil
+    plain = shutil.copy(output, tmp_path / "label-copy.nii.gz")  # Python takes any bytes; ITK may not
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(plain))).shape == SMALL
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
 def test_parts_cover_the_folder_exactly_once_and_merge(tmp_path):
     """Mutations caught: a share that skips or repeats a case (e.g. `[K::N]` instead of
     `[K-1::N]`); a merge that accepts a missing part or a case in two parts."""

@@ -17,7 +17,10 @@ from typing import Iterator
 
 def temporary_prefix(name: str, limit: int = 100) -> str:
     """A hidden temporary name's start for `name`, short enough that the whole temporary name stays
-    within the 255 bytes a file name may hold (a legal 240-byte name plus a suffix would not)."""
+    within the 255 bytes a file name may hold (a legal 240-byte name plus a suffix would not), and
+    valid UTF-8 whatever `name` holds."""
+    # bytes that are not UTF-8 (surrogates here) left out: ITK may be given the temporary name
+    name = name.encode("utf-8", "ignore").decode("utf-8")
     while len(os.fsencode(name)) > limit:  # whole characters, never half of one
         name = name[:-1]
     return f".{name}."

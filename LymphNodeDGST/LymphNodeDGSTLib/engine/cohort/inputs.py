@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LymphNodeDGSTLib.engine.images.files import WRITABLE_SUFFIXES
+from LymphNodeDGSTLib.engine.images.itk_names import itk_can_take, shown
 from LymphNodeDGSTLib.errors import UserInputError
 
 IMAGE_SUFFIXES = WRITABLE_SUFFIXES
@@ -55,6 +56,7 @@ def case_name(path: Path, root: Path, folder: bool = False) -> str:
         lower = text.lower()
         suffix = next(s for s in IMAGE_SUFFIXES if lower.endswith(s))
         text = text[:-len(suffix)]
+    text = shown(text)  # bytes that are not UTF-8 as \xNN: outputs and CSV rows stay text
     return "." if text in ("", ".") else text.replace("/", "__")
 
 
@@ -98,6 +100,8 @@ def _holds_dicom(folder: Path, files: list[Path]) -> bool:
     candidates = [f for f in files if f.suffix.lower() not in _NOT_IMAGES]
     if not candidates:
         return False
+    if not itk_can_take(folder):  # ITK would abort on the name: a case, refused when it is read
+        return True
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:

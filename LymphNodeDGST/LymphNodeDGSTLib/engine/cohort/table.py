@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 from LymphNodeDGSTLib.atomic import write_text_atomic
 from LymphNodeDGSTLib.engine.cohort.parts import MAX_PARTS
+from LymphNodeDGSTLib.engine.images.itk_names import shown
 from LymphNodeDGSTLib.errors import UserInputError
 
 COHORT_FILE = "cohort.csv"
@@ -53,7 +54,7 @@ def write_cohort_csv(rows: Iterable[CohortRow], path: str | os.PathLike) -> Path
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(COLUMNS)
     for row in sorted(rows, key=lambda r: r.case):
-        writer.writerow([_format(value) for value in asdict(row).values()])
+        writer.writerow([shown(_format(value)) for value in asdict(row).values()])
     write_text_atomic(path, stream.getvalue())
     return Path(path)
 

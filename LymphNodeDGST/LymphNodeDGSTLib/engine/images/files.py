@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from LymphNodeDGSTLib.atomic import default_mode, temporary_sibling
 from LymphNodeDGSTLib.engine.images.integrity import (check_finite_voxels, check_nifti_complete, check_nifti_finite,
                                                      check_slice_spacing)
+from LymphNodeDGSTLib.engine.images.itk_names import check_itk_output_folder, itk_readable
 from LymphNodeDGSTLib.errors import UserInputError, WriteFailed
 
 # ITK's own warnings go to stderr unasked and would break "one clear line" error output.
@@ -40,7 +41,8 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     if not path.exists():
         raise UserInputError(f"{what} not found: {path}")
     try:
-        image = _read_dicom_folder(path) if path.is_dir() else sitk.ReadImage(str(path))
+        with itk_readable(path, what) as readable:
+            image = _read_dicom_folder(readable) if readable.is_dir() else sitk.ReadImage(str(readable))
     except RuntimeError as error:
         raise UserInputError(f"cannot read {what} {path}: {_itk_message(error)}") from None
     check_3d_scalar(image, f"{what} {path}")
@@ -102,6 +104,7 @@ def check_output_path(path: str | os.PathLike, what: str = "output",
         if same_file(path, Path(source)):
             raise UserInputError(f"{what} {path} is the input {source}: writing it would destroy "
                                  "the input; choose another output file")
+    check_itk_output_folder(path, what)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserInputError(f"{what} folder does not exist: {parent}")
