@@ -601,6 +601,22 @@ def test_no_space_left(what, work, capsys):
         assert tree_snapshot(home) == {}
 
 
+def test_rank_csv_onto_a_full_disk_is_exit_2(work, capsys):
+    """Issue 26, item 16. Catches: the rank job failing on ENOSPC while writing --csv and the
+    command exiting 1 (the promise: a full disk is the user's to fix, exit 2, like bad input)."""
+    cts = work.tmp / "cts"
+    cts.mkdir()
+    sitk.WriteImage(make_ct(shape_zyx=(12, 48, 48), seed=2), str(cts / "ct.nrrd"))
+    with mounted_tmpfs(work.tmp / "full", "size=4k") as full:
+        try:  # fill it: the CSV's first block finds no room
+            (full / "filler").write_bytes(b"\0" * (1 << 20))
+        except OSError:
+            pass
+        code, _, err = run_main(capsys, work.home, "rank", str(cts), "--csv", str(full / "ranking.csv"))
+        assert code == 2 and "Traceback" not in err, err
+        assert not (full / "ranking.csv").exists()
+
+
 def test_phantom_into_a_read_only_folder(work, capsys):
     """Before: a SimpleITK RuntimeError traceback (plus C-level noise) after generating."""
     with mounted_tmpfs(work.tmp / "ro-out", "ro,size=1m") as folder:

@@ -15,7 +15,8 @@ Events: every event has "type" and "time", an ISO 8601 UTC time with millisecond
     metric    name, value, optional epoch and extra fields
     log       message
     done      result (a dict)
-    error     message; "cancelled": true for a cancelled job, "out_of_memory": true for OOM
+    error     message; "cancelled": true for a cancelled job, "out_of_memory": true for OOM,
+              "user_error": true for bad input or a full or read-only disk (exit status 2)
 
 IDs look like `20261126-112233-457c`: UTC creation time to the millisecond, then a random hex
 digit (two jobs created in the same millisecond); they sort by time.
@@ -64,6 +65,7 @@ class JobInfo:
     last_progress: dict | None
     result: dict | None
     error: str | None
+    user_error: bool = False  # bad input or a full or read-only disk: the user's to fix (exit 2)
 
     @property
     def fraction_done(self) -> float | None:
@@ -183,8 +185,6 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
             handle.seek(offset)
             data = handle.read()
     except FileNotFoundError:
-        return [], offset
-    except OSError:  # a folder or an unreadable file in its place: no event can be read
         return [], offset
     end = data.rfind(b"\n")
     if end < 0:

@@ -11,7 +11,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from LymphNodeDGSTLib.errors import EXIT_FAILURE, EXIT_OK
+from LymphNodeDGSTLib.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from LymphNodeDGSTLib.jobs.manager import JobManager
 from LymphNodeDGSTLib.progress import STAGE_NAMES
 
@@ -62,7 +62,7 @@ def follow_job(manager: JobManager, job_id: str, file: IO[str] | None = None,
         print(f"job {job_id} done ({clock(time.monotonic() - started)})", file=file)
         return EXIT_OK
     print(f"job {job_id} {info.state}: {info.error}", file=file)
-    return EXIT_FAILURE
+    return EXIT_USAGE if info.user_error else EXIT_FAILURE
 
 
 def _stage_name(stage: object) -> str:

@@ -239,12 +239,12 @@ class JobManager:
         return [p for p in self.root.iterdir() if JOB_ID_PATTERN.match(p.name) and p.is_dir()]
 
     def _terminal_event(self, folder: Path) -> dict | None:
-        events, _ = read_events(folder / EVENTS_FILE)
+        events = _readable_events(folder)
         return next((e for e in events if e.get("type") in TERMINAL_EVENTS), None)
 
     def _info(self, folder: Path, spec: dict) -> JobInfo:
         pid, alive = self._liveness(folder)  # first: a worker seen dead has written all it ever will
-        events, _ = read_events(folder / EVENTS_FILE)
+        events = _readable_events(folder)
         last_progress = next((e for e in reversed(events) if e.get("type") == "progress"), None)
         terminal = next((e for e in events if e.get("type") in TERMINAL_EVENTS), None)
         return self._state(folder, spec, pid, alive, terminal, last_progress)
@@ -269,6 +269,7 @@ class JobManager:
     def _state(folder: Path, spec: dict, pid: int | None, alive: bool, terminal: dict | None,
                last_progress: dict | None) -> JobInfo:
         result = error = None
+        user_error = bool(terminal is not None and terminal.get("user_error") is True)
         if terminal is not None and terminal["type"] == "done":
             state, result = "done", terminal.get("result") or {}
         elif terminal is not None:
@@ -282,7 +283,7 @@ class JobManager:
             state, error = "failed", WORKER_STOPPED
         return JobInfo(id=folder.name, kind=str(spec.get("kind", "")), state=state,
                        created=str(spec.get("created", "")), folder=folder, spec=spec, pid=pid,
-                       last_progress=last_progress, result=result, error=error)
+                       last_progress=last_progress, result=result, error=error, user_error=user_error)
 
 
 def _read_spec(folder: Path) -> dict | None:
@@ -291,6 +292,16 @@ def _read_spec(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return spec if isinstance(spec, dict) else None
+
+
+def _readable_events(folder: Path) -> list[dict]:
+    """A job's events for listing it; none when the file cannot be read (a folder in its place):
+    one damaged job must not break `jobs list` for all. A follower reads with read_events and
+    reports such damage itself."""
+    try:
+        return read_events(folder / EVENTS_FILE)[0]
+    except OSError:
+        return []
 
 
 MAX_PID = 2 ** 22  # Linux's pid_max ceiling; Windows' pids are below it too in practice

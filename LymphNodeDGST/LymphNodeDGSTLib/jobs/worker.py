@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from LymphNodeDGSTLib.atomic import write_text_atomic
-from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError, WriteFailed
+from LymphNodeDGSTLib.errors import Cancelled, OutOfMemory, UserInputError, WriteFailed, environment_problem
 from LymphNodeDGSTLib.jobs.kinds import JOB_KINDS, check_kind_name
 from LymphNodeDGSTLib.jobs.events import JOB_FILE, LOG_FILE, PID_FILE, Reporter, job_events_writer
 from LymphNodeDGSTLib.jobs.device_lock import DeviceLock, acquire_device_lock, release_device_lock
@@ -81,7 +81,10 @@ def describe_failure(error: BaseException, reporter: Reporter, spec: dict,
     if isinstance(error, Cancelled) or reporter.cancelled():
         return {"message": "cancelled on request", "cancelled": True}
     if isinstance(error, (UserInputError, WriteFailed)):
-        return {"message": str(error)}
+        return {"message": str(error), "user_error": True}
+    problem = environment_problem(error)
+    if problem is not None:  # a full or read-only disk: the user's to fix, like bad input
+        return {"message": problem, "user_error": True}
     if isinstance(error, OutOfMemory):
         return {"message": str(error), "out_of_memory": True}
     device = spec.get("device", "cpu")
