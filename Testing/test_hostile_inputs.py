@@ -25,6 +25,7 @@ import torch
 
 from conftest import REPO, make_ct, run_cli, tree_snapshot
 from LymphNodeDGSTLib.cli.main import main
+from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.adaptation.cases.library import CaseLibrary
 from LymphNodeDGSTLib.engine.store.models import ModelStore
 
@@ -484,6 +485,29 @@ def test_text_from_files_cannot_drive_the_terminal(work, capsys):
     for args in (("jobs", "list"), ("jobs", "show", folder.name, "--events")):
         code, out, err = run_main(capsys, work.home, *args)
         assert code == 0 and "\x1b" not in out and "\x07" not in out and "\n-12" not in out, out
+
+
+def test_a_library_warning_never_breaks_the_one_line_refusal(work, monkeypatch, capsys):
+    """Issue 26, item 19. Catches: a torch UserWarning printed (with its source line) before the
+    exit-2 error, which then was not one line. On success the warning still reaches the user."""
+    import warnings
+
+    from LymphNodeDGSTLib.cli import models
+
+    def refuses(args, home):
+        warnings.warn("TypedStorage is deprecated", UserWarning)
+        raise UserInputError("no such model")
+
+    def succeeds(args, home):
+        warnings.warn("TypedStorage is deprecated", UserWarning)
+        return 0
+
+    monkeypatch.setattr(models, "handle", refuses)
+    code, _, err = run_main(capsys, work.home, "models", "list")
+    assert_one_clear_line(code, err, "no such model")
+    monkeypatch.setattr(models, "handle", succeeds)
+    code, _, err = run_main(capsys, work.home, "models", "list")
+    assert code == 0 and err == "lndgst: warning: TypedStorage is deprecated\n", err
 
 
 # --------------------------------------------------------------------------- downloads

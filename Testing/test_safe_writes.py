@@ -195,7 +195,38 @@ def test_node_report_may_not_overwrite_the_input(installed_home, tmp_path, monke
     assert status == 2 and "node report" in capsys.readouterr().err
 
 
+def test_node_report_that_is_a_folder_is_refused_before_any_work(installed_home, tmp_path, monkeypatch, capsys):
+    """Issue 26, item 17. Catches: `--nodes DIR.csv` (a folder) found only after the label had
+    been written, with a message saying "nothing was changed"."""
+    from LymphNodeDGSTLib.engine.segmentation.segmenter import Segmenter
+
+    monkeypatch.setattr(Segmenter, "segment", _never_segment)
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct(shape_zyx=(8, 32, 32)), str(source))
+    (tmp_path / "report.csv").mkdir()
+    status = cli.main(["--home", str(installed_home), "segment", str(source),
+                       str(tmp_path / "label.nii.gz"), "--nodes", str(tmp_path / "report.csv")])
+    assert status == 2 and "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "label.nii.gz").exists()
+
+
 # ---------------------------------------------------------------- umask
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_backend_cache_follows_the_umask(tmp_path, mask):
+    """Issue 26, item 18. Catches: a backend cache folder left with mkdtemp's 0700 (the docs
+    promise the umask, as for every other file the tool writes)."""
+    from LymphNodeDGSTLib.engine.segmentation.backends.cache import store_conversion
+
+    previous = os.umask(mask)
+    try:
+        folder = store_conversion(tmp_path / "version", "key", lambda staging: (staging / "model.xml").write_text("x"),
+                                  {"backend": "openvino"})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((folder / "model.xml").stat().st_mode) == 0o666 & ~mask
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_outputs_and_exports_follow_the_umask(installed_home, tmp_path, mask):
     """Catches modes taken from Python's temporary files (found: labels 0600, exports 0700)."""

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from types import ModuleType
 from typing import Sequence
 
@@ -68,7 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             raise UserInputError(problem + " (--home DIR or $LNDGST_HOME)")
         handlers = {group.COMMAND: group.handle for group in COMMAND_GROUPS}
-        return handlers[args.command](args, home)
+        # Libraries' warnings (torch's UserWarnings) are held back until the command has ended:
+        # an exit-2 refusal stays one line; otherwise they follow, one line each.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                return handlers[args.command](args, home)
+            except (UserInputError, WriteFailed):
+                caught.clear()
+                raise
+            finally:
+                for message in dict.fromkeys(one_line(str(w.message)) for w in caught):
+                    print(f"lndgst: warning: {message}", file=sys.stderr)
     except UserInputError as error:
         print(f"lndgst: error: {one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE

@@ -86,3 +86,5 @@ def _check_csv_path(path: Path, inputs: list[str]) -> None:
         raise UserInputError(f"node report folder does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise UserInputError(f"node report folder is not writable: {parent}")
+    if path.exists() and not path.is_file():  # a folder named x.csv: found now, not after the label
+        raise UserInputError(f"node report {path} is a folder or a special file; choose another file")

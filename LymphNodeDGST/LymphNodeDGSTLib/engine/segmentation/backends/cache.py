@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from LymphNodeDGSTLib.atomic import default_mode
+
 CACHE_DIR = ".backend-cache"
 META_FILE = "meta.json"
 
@@ -59,6 +61,7 @@ def store_conversion(version_path: Path, key: str, write: Callable[[Path], None]
     try:
         write(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.chmod(staging, default_mode(folder=True))  # the umask's mode, not mkdtemp's 0700
         try:
             os.rename(staging, final)
         except OSError:
