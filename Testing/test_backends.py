@@ -108,6 +108,15 @@ def test_openvino_segmentation_equals_torch_and_reuses_its_cache(installed_home)
     assert "convert" not in second_progress.stages
     assert np.array_equal(again, got)
 
+    # issue 26, item 11: a zeroed model.bin was used as it was (an empty label, exit 0); the
+    # checksums kept in meta.json find it, and the fold is converted again
+    weights_file = entries[0] / "model.bin"
+    weights_file.write_bytes(bytes(weights_file.stat().st_size))
+    third_progress = Recorder()
+    repaired, result = labels(Segmenter(store, device="cpu", backend="openvino"), image, third_progress)
+    assert result.backend == "openvino" and "convert" in third_progress.stages
+    assert np.array_equal(repaired, got)
+
 
 @pytest.mark.skipif("openvino" not in CONVERTED, reason="openvino is not installed")
 def test_removed_version_drops_its_conversion(home, tmp_path):
@@ -204,6 +213,41 @@ def test_auto_converts_in_the_background_then_uses_it(installed_home, monkeypatc
     _, result = labels(Segmenter(store, device="cpu", backend="auto"), image)
     assert result.backend == "openvino" and result.backend_note is None
     assert "guard runs in the background" in result.backend_detail
+
+
+def test_a_killed_converters_lock_is_stale_at_once(tmp_path, monkeypatch):
+    """Issue 26, item 12. Catches: the lock of a converter killed with -9 judged by its age, so
+    for an hour `auto` said "converted in the background" while nothing ran, and its staging
+    folders (`.openvino-*.tmp-*`) never went away. The lock names its converter by pid and start
+    time; a lock naming a dead process is stale, and the next converter drops the leftovers."""
+    import subprocess
+    import sys
+
+    from LymphNodeDGSTLib.engine.processes import owner_tag
+    from LymphNodeDGSTLib.engine.segmentation.backends import prepare
+
+    version = tmp_path / "version"
+    lock = prepare.lock_path(version, "openvino")
+    lock.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    tag = owner_tag(dead.pid)
+    dead.wait()
+    lock.write_text(tag + "\n")
+    leftover = lock.parent / ".openvino-abc.tmp-xyz"
+    leftover.mkdir()
+    assert not prepare.conversion_running(version, "openvino")  # fresh, yet its owner is gone
+    lock.write_text(owner_tag() + "\n")
+    assert prepare.conversion_running(version, "openvino")  # a live owner: running
+    lock.write_text("")
+    assert prepare.conversion_running(version, "openvino")  # untagged and fresh: being started
+
+    monkeypatch.setenv(prepare.BACKGROUND_SWITCH, "1")
+    lock.write_text(tag + "\n")
+    started = []
+    monkeypatch.setattr(prepare.subprocess, "Popen", lambda *args, **kwargs: started.append(args) or dead)
+    assert prepare.start_background_conversion(version, "openvino")
+    assert started and not leftover.exists()
+    assert lock.read_text().strip() == owner_tag(dead.pid)
 
 
 def test_cli_rejects_unknown_backend(installed_home, tmp_path):

@@ -510,6 +510,18 @@ def test_a_library_warning_never_breaks_the_one_line_refusal(work, monkeypatch, 
     assert code == 0 and err == "lndgst: warning: TypedStorage is deprecated\n", err
 
 
+def test_cancel_of_a_dead_job_removes_what_its_worker_left(work, capsys):
+    """Issue 26, item 12. Catches: an adapt worker killed with -9 leaving `jobs/ID/work` (a copy of
+    the model and the preprocessed cases) for good, `jobs cancel` of the failed job cleaning nothing."""
+    folder = damaged_job(work.home, "20261201-000000-0001", [{"type": "log", "message": "training"}],
+                         pid="4000000")  # a pid no process has
+    (folder / "work" / "preprocessed").mkdir(parents=True)
+    (folder / "work" / "checkpoint.pth").write_bytes(b"\0" * 1024)
+    code, out, err = run_main(capsys, work.home, "jobs", "cancel", folder.name)
+    assert code == 0 and "already failed" in out, err
+    assert not (folder / "work").exists() and (folder / "events.ndjson").is_file()
+
+
 # --------------------------------------------------------------------------- downloads
 @contextmanager
 def raw_server(reply: bytes) -> Iterator[str]:

@@ -49,6 +49,7 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     elif command == "cancel":
         before = manager.get(args.id)
         if before.state != "running":
+            manager.cancel(args.id)  # removes what a killed worker left behind
             print(f"job {before.id} is already {before.state}")
             return EXIT_OK
         info = manager.cancel(args.id, timeout=args.timeout)

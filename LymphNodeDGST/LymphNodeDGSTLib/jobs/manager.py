@@ -175,10 +175,13 @@ class JobManager:
     def cancel(self, job_id: str, timeout: float = 10.0) -> JobInfo:
         """Ask the worker to stop (cancel file + SIGTERM); SIGKILL it after `timeout` seconds.
 
-        A job that has already ended is returned unchanged.
+        A job that has already ended keeps its state; what a killed worker left (its `work`
+        folder, its device lock) is removed.
         """
         info = self.get(job_id)
         if info.state != "running":
+            if info.pid is None or not worker_alive(info.pid, job_id):
+                self._clean_up_after(info)  # a worker killed with -9 left its work copy and lock
             return info
         write_text_atomic(info.folder / CANCEL_FILE, utc_now_iso() + "\n")
         message = "cancelled on request"

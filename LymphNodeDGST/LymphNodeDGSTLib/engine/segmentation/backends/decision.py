@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from LymphNodeDGSTLib.engine.segmentation.backends.cache import (META_FILE, cache_key, file_sha256,
+from LymphNodeDGSTLib.engine.segmentation.backends.cache import (FILES_KEY, META_FILE, cache_key, file_sha256,
                                                                  find_cached, store_conversion)
 
 MIN_POOLED_DICE = 0.995  # candidate vs torch fp32, voxels pooled over all reference cases
@@ -51,7 +51,7 @@ class AutoDecision:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AutoDecision":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k != FILES_KEY}  # the cache's own checksums
         data["f32"] = CandidateResult(**data["f32"]) if data.get("f32") else None
         data["candidates"] = [CandidateResult(**c) for c in data.get("candidates", [])]
         return cls(**data)

@@ -5,23 +5,26 @@ into the version's cache (cache.py) at low priority and exits. For OpenVINO, `au
 process started is the guard's (`python -m LymphNodeDGSTLib.engine.segmentation.backend_guard`),
 which converts the same way and then decides bf16/INT8 (backend_guard.py). The segmentation that
 started it runs with torch and never waits; the next one finds the conversion. A lock file keeps
-to one converter per version and backend; a failure is kept as one line (`<format>.error`) so
+to one converter per version and backend; it names its converter by pid and start time, so a lock
+left by a killed converter is stale at once (its staging folders are dropped by the next one); a failure is kept as one line (`<format>.error`) so
 that later runs say why they use torch instead of retrying forever.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from LymphNodeDGSTLib.engine.processes import owner_alive, owner_tag
 from LymphNodeDGSTLib.engine.segmentation.backends.cache import cache_root
 from LymphNodeDGSTLib.engine.segmentation.backends.names import FORMAT_OF
 
-STALE_LOCK_SECONDS = 3600
+STARTING_SECONDS = 60  # a lock not yet tagged with its converter's pid: being started
 BACKGROUND_SWITCH = "LNDGST_BACKGROUND_CONVERSION"  # "0": `auto` never converts in the background
 # the module a background process runs for a backend (named, not imported: it imports this one)
 BACKGROUND_MODULE = {"openvino": "LymphNodeDGSTLib.engine.segmentation.backend_guard"}
@@ -45,11 +48,22 @@ def previous_failure(version_path: Path, backend: str) -> str | None:
 
 
 def conversion_running(version_path: Path, backend: str) -> bool:
+    """Whether a converter holds the lock: the process its tag names (pid and start time) runs.
+    A lock without a tag is a converter being started, for STARTING_SECONDS at most."""
     path = lock_path(version_path, backend)
     try:
-        return time.time() - path.stat().st_mtime < STALE_LOCK_SECONDS
+        tag = path.read_text(encoding="ascii", errors="replace").strip()
+        age = time.time() - path.stat().st_mtime
     except OSError:
         return False
+    alive = owner_alive(tag)
+    return age < STARTING_SECONDS if alive is None else alive
+
+
+def _drop_leftovers(version_path: Path) -> None:
+    """Staging folders a killed converter left (`.KEY.tmp-*`); call holding the lock."""
+    for leftover in cache_root(version_path).glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def start_background_conversion(version_path: Path, backend: str) -> bool:
@@ -67,16 +81,22 @@ def start_background_conversion(version_path: Path, backend: str) -> bool:
     except FileExistsError:
         return True  # another process won the race
     os.close(handle)
+    _drop_leftovers(version_path)
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
         module = BACKGROUND_MODULE.get(backend, "LymphNodeDGSTLib.engine.segmentation.backends.prepare")
-        subprocess.Popen([sys.executable, "-m", module, str(version_path), backend], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        child = subprocess.Popen([sys.executable, "-m", module, str(version_path), backend], env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         lock.unlink(missing_ok=True)
         return False
+    try:
+        lock.write_text(owner_tag(child.pid) + "\n", encoding="ascii")  # judged by pid and start time
+    except OSError:
+        pass  # an untagged lock counts as starting for STARTING_SECONDS
     return True
 
 
