@@ -162,6 +162,36 @@ def test_cancel_stops_a_running_job_quickly_and_publishes_nothing(manager, tmp_p
     assert len(all_events(manager, info.id)) == len(manager.events(info.id)[0])
 
 
+def test_a_stopped_worker_is_shown_and_the_follower_says_what_to_do(manager, tmp_path):
+    """Issue 26, item 23. Catches: a SIGSTOPped worker shown as "running" forever and a follower
+    (`rank`, `adapt --wait`) waiting forever without a word."""
+    import threading
+
+    from LymphNodeDGSTLib.cli.jobs import print_job, print_job_list
+    from LymphNodeDGSTLib.jobs.follow import follow_job
+
+    info = submit(manager, "count", {**LONG, "output": str(tmp_path / "out.txt")})
+    wait_for_progress(manager, info.id)
+    os.kill(info.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: manager.get(info.id).stopped, 10, "the worker seen stopped")
+        listing, shown = io.StringIO(), io.StringIO()
+        print_job_list(manager.list(), file=listing)
+        print_job(manager.get(info.id), file=shown)
+        assert f"{info.id}" in listing.getvalue() and "stopped" in listing.getvalue()
+        assert f"kill -CONT {info.pid}" in shown.getvalue()
+        followed = io.StringIO()
+        follower = threading.Thread(target=follow_job, args=(manager, info.id), kwargs={"file": followed},
+                                    daemon=True)
+        follower.start()
+        wait_for(lambda: "is stopped" in followed.getvalue(), 10, "the follower's message")
+    finally:
+        os.kill(info.pid, signal.SIGCONT)
+    assert not manager.get(info.id).stopped
+    manager.cancel(info.id, timeout=10)
+    follower.join(10)
+
+
 def test_cancel_kills_a_worker_that_does_not_listen(manager):
     info = submit(manager, "ignore_cancel", {"seconds": 30})
     wait_for_progress(manager, info.id, done=0)

@@ -11,7 +11,7 @@ from LymphNodeDGSTLib.errors import EXIT_OK, UserInputError, printable
 from LymphNodeDGSTLib.home import Home
 from LymphNodeDGSTLib.jobs.events import EVENTS_FILE, JobInfo
 from LymphNodeDGSTLib.jobs.manager import JobManager
-from LymphNodeDGSTLib.jobs.follow import clock
+from LymphNodeDGSTLib.jobs.follow import clock, stopped_text
 
 COMMAND = "jobs"
 
@@ -73,7 +73,8 @@ def print_job_list(infos: list[JobInfo], file: IO[str] | None = None) -> None:
         return
     print(f"{'ID':<22} {'KIND':<10} {'STATE':<10} {'PROGRESS':>8}  CREATED", file=file)
     for info in infos:
-        print(f"{info.id:<22} {printable(_short_kind(str(info.kind))):<10} {info.state:<10} "
+        state = "stopped" if info.stopped else info.state  # running, but never progressing
+        print(f"{info.id:<22} {printable(_short_kind(str(info.kind))):<10} {state:<10} "
               f"{format_progress(info):>8}  {printable(info.created)}", file=file)
 
 
@@ -93,6 +94,8 @@ def print_job(info: JobInfo, file: IO[str] | None = None) -> None:
         print("result: " + json.dumps(info.result, indent=2), file=file)
     if info.error:
         print(f"error: {printable(info.error)}", file=file)
+    if info.stopped:
+        print(stopped_text(info), file=file)
 
 
 def _short_kind(kind: str) -> str:

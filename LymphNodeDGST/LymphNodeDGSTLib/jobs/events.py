@@ -66,6 +66,7 @@ class JobInfo:
     result: dict | None
     error: str | None
     user_error: bool = False  # bad input or a full or read-only disk: the user's to fix (exit 2)
+    stopped: bool = False     # running, but its worker is stopped (SIGSTOP): no progress until resumed
 
     @property
     def fraction_done(self) -> float | None:

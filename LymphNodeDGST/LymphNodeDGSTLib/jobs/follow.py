@@ -49,7 +49,8 @@ def follow_job(manager: JobManager, job_id: str, file: IO[str] | None = None,
 
     started = time.monotonic()
     try:
-        info = manager.wait(job_id, on_event=on_event, poll=poll)
+        info = manager.wait(job_id, on_event=on_event, poll=poll,
+                            on_stopped=lambda stopped: tqdm.write(stopped_text(stopped), file=file))
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -63,6 +64,12 @@ def follow_job(manager: JobManager, job_id: str, file: IO[str] | None = None,
         return EXIT_OK
     print(f"job {job_id} {info.state}: {info.error}", file=file)
     return EXIT_USAGE if info.user_error else EXIT_FAILURE
+
+
+def stopped_text(info) -> str:
+    """What to do about a job whose worker is stopped (SIGSTOP, Ctrl+Z)."""
+    return (f"job {info.id}: its worker (pid {info.pid}) is stopped and makes no progress; resume it "
+            f"with 'kill -CONT {info.pid}', or cancel the job with 'lndgst jobs cancel {info.id}'")
 
 
 def _stage_name(stage: object) -> str:

@@ -41,7 +41,7 @@ from LymphNodeDGSTLib.engine.file_lock import exclusive_lock
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.jobs.kinds import check_kind_name
 from LymphNodeDGSTLib.jobs.events import (CANCEL_FILE, EVENTS_FILE, JOB_FILE, JOB_ID_PATTERN, JobInfo, LOCKS_FOLDER, LOG_FILE, PID_FILE, SUBMIT_LOCK, TERMINAL_EVENTS, WORK_FOLDER, job_events_writer, new_job_id, read_events, utc_now_iso)
-from LymphNodeDGSTLib.jobs.process_tree import (START_GRACE_S, _CHILDREN, _CHILDREN_LOCK, _ask_to_stop, _end_leftovers, _force_kill, _wait_until, job_processes, worker_alive, worker_environment)
+from LymphNodeDGSTLib.jobs.process_tree import (START_GRACE_S, _CHILDREN, _CHILDREN_LOCK, _ask_to_stop, _end_leftovers, _force_kill, _wait_until, job_processes, worker_alive, worker_environment, worker_stopped)
 from LymphNodeDGSTLib.jobs.device_lock import (DeviceBusy, DeviceLock, _read_lock_file, _remove_stale_lock, busy_message, device_lock_path, lock_owner_alive, read_device_lock)
 
 
@@ -213,10 +213,13 @@ class JobManager:
         shutil.rmtree(info.folder / WORK_FOLDER, ignore_errors=True)
 
     def wait(self, job_id: str, on_event: Callable[[dict], None] | None = None,
-             poll: float = 0.5, timeout: float | None = None) -> JobInfo:
-        """Follow the job's events (to `on_event`) until it ends; TimeoutError after `timeout`."""
+             poll: float = 0.5, timeout: float | None = None,
+             on_stopped: Callable[[JobInfo], None] | None = None) -> JobInfo:
+        """Follow the job's events (to `on_event`) until it ends; TimeoutError after `timeout`.
+        `on_stopped` is told once each time the worker is found stopped (SIGSTOP)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         offset = 0
+        was_stopped = False
         while True:
             info = self.get(job_id)  # state before events: a terminal state's events are all there
             events, offset = self.events(job_id, offset)
@@ -225,6 +228,9 @@ class JobManager:
                     on_event(event)
             if info.state != "running":
                 return info
+            if info.stopped and not was_stopped and on_stopped is not None:
+                on_stopped(info)
+            was_stopped = info.stopped
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still running after {timeout:g} s")
             time.sleep(poll)
@@ -284,9 +290,11 @@ class JobManager:
             state, error = "cancelled", "cancelled on request"
         else:
             state, error = "failed", WORKER_STOPPED
+        stopped = state == "running" and pid is not None and worker_stopped(pid)
         return JobInfo(id=folder.name, kind=str(spec.get("kind", "")), state=state,
                        created=str(spec.get("created", "")), folder=folder, spec=spec, pid=pid,
-                       last_progress=last_progress, result=result, error=error, user_error=user_error)
+                       last_progress=last_progress, result=result, error=error, user_error=user_error,
+                       stopped=stopped)
 
 
 def _read_spec(folder: Path) -> dict | None:

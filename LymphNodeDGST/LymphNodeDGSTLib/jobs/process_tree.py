@@ -73,6 +73,11 @@ def _started_within(pid: int, seconds: float) -> bool:
     return started is None or uptime - started / ticks < seconds
 
 
+def worker_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP, Ctrl+Z, a debugger): alive, yet never progressing."""
+    return os.name != "nt" and _linux_process_state(pid) in ("T", "t")
+
+
 def _linux_process_state(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
