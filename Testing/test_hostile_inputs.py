@@ -522,6 +522,18 @@ def test_cancel_of_a_dead_job_removes_what_its_worker_left(work, capsys):
     assert not (folder / "work").exists() and (folder / "events.ndjson").is_file()
 
 
+def test_names_longer_than_the_file_system_allows_are_one_line(work, capsys):
+    """Issue 26, item 10. Catches: an output name, or a --nodes name, over 255 bytes ending in an
+    "OSError: File name too long" traceback (exit 1) instead of one line."""
+    ct = work.tmp / "ct.nrrd"
+    sitk.WriteImage(make_ct(shape_zyx=(8, 32, 32)), str(ct))
+    for extra in ([str(work.tmp / ("a" * 300 + ".nii.gz"))],
+                  [str(work.tmp / "label.nii.gz"), "--nodes", str(work.tmp / ("b" * 300 + ".csv"))]):
+        code, _, err = run_main(capsys, work.home, "segment", str(ct), *extra)
+        assert_one_clear_line(code, err, "too long")
+    assert not (work.tmp / "label.nii.gz").exists()
+
+
 # --------------------------------------------------------------------------- downloads
 @contextmanager
 def raw_server(reply: bytes) -> Iterator[str]:

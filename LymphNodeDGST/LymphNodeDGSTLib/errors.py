@@ -46,6 +46,7 @@ _ENVIRONMENT_HINTS = {
     errno.EROFS: "the file system is read-only; choose a writable folder (--home, or another output)",
     errno.EACCES: "no permission; choose files and folders you may use",
     errno.EPERM: "operation not permitted; choose files and folders you may use",
+    errno.ENAMETOOLONG: "a name is longer than the file system allows (255 bytes); choose a shorter one",
 }
 
 
