@@ -169,7 +169,42 @@ def test_plan_order_keeps_every_part_measured_early_and_phantoms_can_be_skipped(
         "sts-none-k0-s0", "sts-bias-k1-s0", "sts-dgst-k1-s0"]
 
 
+def test_auto_schedule_runs_split_the_site_cases_as_the_product_does(tmp_path):
+    """Catches a benchmark of the automatic schedule that is not the product's default path: held-out
+    cases also trained on (or taken from the test phantoms), a split other than `lndgst adapt`'s,
+    or one case probed instead of the product's fixed fallback."""
+    from types import SimpleNamespace
+
+    from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest, split_cases
+    from LymphNodeDGSTLib.adaptation.schedule import FIXED_ITERATIONS
+
+    config = BenchConfig(methods=("none", "dgst"), shots=(1, 3, 5), seeds=2, site_b_tests=1,
+                         site_a_tests=1, crop_zyx=(8, 32, 32), schedule="auto").validate()
+    plan = {r.run_id: r for r in plan_runs(config, tmp_path / "model", tmp_path / "work", None, lambda _: None)}
+    assert sorted(plan) == sorted(["phantom-none-k0-s0"] + [f"phantom-auto-dgst-k{k}-s{s}"
+                                                           for k in (1, 3, 5) for s in (0, 1)])
+    one = plan["phantom-auto-dgst-k1-s0"]
+    assert one.schedule_cases is None and len(one.train) == 1  # the product's fallback: fixed
+    assert one.settings["iterations"] == FIXED_ITERATIONS and one.settings["method"] == "dgst"
+    assert one.settings == {**AdaptRequest(method="dgst", seed=0).settings().__dict__}
+    for shots, trained in ((3, 2), (5, 4)):
+        for seed in (0, 1):
+            run = plan[f"phantom-auto-dgst-k{shots}-s{seed}"]
+            pool = plan[f"phantom-auto-dgst-k5-s{seed}"].train + plan[f"phantom-auto-dgst-k5-s{seed}"].schedule_cases
+            ids = [c.case_id for c in run.train + run.schedule_cases]
+            assert len(run.train) == trained and len(run.schedule_cases) == 1
+            assert not {c.case_id for c in run.train} & {c.case_id for c in run.schedule_cases}
+            tests = {c.case_id for cases in run.evaluate.values() for c in cases}
+            assert not tests & set(ids)
+            product = split_cases([SimpleNamespace(id=i) for i in ids], None, seed)
+            assert [c.case_id for c in run.schedule_cases] == [r.id for r in product.evaluation]
+            assert run.settings["seed"] == seed and len(pool) == 5
+
+
 @pytest.mark.parametrize("arguments, message", [
+    (["--schedule", "auto", "--iterations", "5"], "drop --iterations"),
+    (["--schedule", "auto", "--tune-lr", "1e-2"], "drop --tune-lr"),
+    (["--crop", "32,96"], "--crop"),
     (["--methods", "dgst,magic"], "unknown method"),
     (["--shots", "0"], "--shots"),
     (["--shots", "one"], "whole numbers"),

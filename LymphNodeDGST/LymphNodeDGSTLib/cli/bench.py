@@ -52,6 +52,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "best on held-out training-site phantoms is used for the test runs")
     adapt.add_argument("--validation", type=int, help="held-out training-site phantoms scoring each "
                        "tuning run (default 2)")
+    adapt.add_argument("--schedule", choices=("fixed", "auto"), help="fixed (default): --iterations "
+                       "at --lr for every run; auto: each run takes the product's default path (the "
+                       "site's cases split as `lndgst adapt` splits them, the rate chosen by probes on "
+                       "the held-out case(s), early stop, best checkpoint)")
+    adapt.add_argument("--crop", metavar="Z,Y,X", help="centre-crop every image to at most these voxels "
+                       "(a cheaper protocol; the tables say so)")
     from LymphNodeDGSTLib.cli import bench_select
     bench_select.register(benchmarks)
 
@@ -91,6 +97,15 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     if args.shift:
         config.shift = args.shift
     config.selection_only = args.selection_only
+    if args.schedule:
+        config.schedule = args.schedule
+        if args.schedule == "auto" and (args.iterations is not None or args.lr is not None):
+            raise UserInputError("--schedule auto chooses iterations and rate: drop --iterations and --lr")
+    if args.crop:
+        crop = _integers(args.crop, "--crop")
+        if len(crop) != 3 or min(crop) < 16:
+            raise UserInputError("--crop: give three sizes of at least 16 voxels, z,y,x (e.g. 32,96,96)")
+        config.crop_zyx = tuple(crop)
     config.attribution = args.attribution
     if args.tune_lr:
         if args.lr is not None:

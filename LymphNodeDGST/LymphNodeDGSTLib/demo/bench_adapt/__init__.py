@@ -156,7 +156,9 @@ def _run_specs(plan: list[RunSpec], done: dict[str, dict], config: BenchConfig, 
     """Run what is not already done; every row in plan order (done ones reused)."""
     rows = [done[spec.run_id] for spec in plan if spec.run_id in done]
     todo = [spec for spec in plan if spec.run_id not in done]
-    say(f"{len(plan)} runs ({len(plan) - len(todo)} already measured), {config.iterations} iterations each, "
+    iterations = ("iterations chosen by the schedule" if config.schedule == "auto"
+                  else f"{config.iterations} iterations each")
+    say(f"{len(plan)} runs ({len(plan) - len(todo)} already measured), {iterations}, "
         f"learning rate {config.learning_rate_wording()}, "
         f"device {config.device}; rows go to {runs_path}")
     measured_seconds: list[float] = []

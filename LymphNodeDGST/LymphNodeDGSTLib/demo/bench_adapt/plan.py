@@ -65,6 +65,8 @@ class BenchConfig:
     tune_lrs: tuple[float, ...] = ()     # per method, pick the best of these on validation phantoms
     tune_shots: int = 3                  # training-site cases each tuning run adapts on
     validation_cases: int = 2            # held-out training-site phantoms scoring a tuning run
+    schedule: str = "fixed"              # fixed: `iterations` at the rate; auto: the product's default
+                                         # path (held-out split, rate probes, early stop, best kept)
 
     def validate(self) -> "BenchConfig":
         unknown = [m for m in self.methods if m not in METHODS]
@@ -88,11 +90,18 @@ class BenchConfig:
             raise UserInputError("--tune-lr: learning rates must be positive")
         if self.tune_shots < 1 or self.validation_cases < 1:
             raise UserInputError("tuning needs at least one training and one validation case")
+        if self.schedule not in ("fixed", "auto"):
+            raise UserInputError(f"--schedule: choose auto or fixed, not {self.schedule!r}")
+        if self.schedule == "auto" and (self.tune_lrs or self.attribution):
+            raise UserInputError("--schedule auto chooses its own rate: drop --tune-lr and --attribution")
         if self.selection_only and not any(m in SPARSE for m in self.methods):
             raise UserInputError(f"--selection-only needs a sparse method among --methods ({', '.join(SPARSE)})")
         return self
 
     def learning_rate_wording(self) -> str:
+        if self.schedule == "auto":
+            return ("chosen per run by the automatic schedule on the site's own held-out case(s) "
+                    "(the product's default path; fewer than 3 cases: the fixed fallback)")
         if self.tune_lrs:
             return ("per method, the best of " + ", ".join(f"{lr:g}" for lr in self.tune_lrs)
                     + f" on {self.validation_cases} held-out site-{self.shift} validation phantoms")
@@ -136,6 +145,7 @@ class RunSpec:
     result_path: str
     device: str = "cpu"
     attribution: bool = False        # also Dice with conv / always-trained changes undone
+    schedule_cases: list[CaseFile] | None = None  # auto schedule: the held-out cases choosing it
 
 
 @dataclass
@@ -214,15 +224,40 @@ def crop_case(case: CaseFile, folder: Path, crop_zyx) -> CaseFile:
 
 def run_settings(config: BenchConfig, method: str, seed: int, learning_rate: float | None) -> dict:
     """FineTuneSettings fields of one run (selection-only applies to the sparse methods)."""
+    if config.schedule == "auto" and method != "none":   # the product's request (its fixed fallback)
+        from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest
+        from dataclasses import asdict as fields_of
+        request = AdaptRequest(method=method, gamma=config.gamma, seed=seed,
+                               selection_only=config.selection_only and method in SPARSE)
+        return fields_of(request.settings())
     return {"method": method, "gamma": config.gamma, "iterations": config.iterations,
             "iterations_per_epoch": config.iterations, "val_iterations_per_epoch": 1,
             "learning_rate": learning_rate, "seed": seed,
             "selection_only": config.selection_only and method in SPARSE}
 
 
+def auto_split(config: BenchConfig, train: list[CaseFile], seed: int) -> tuple[list[CaseFile], list[CaseFile] | None]:
+    """(training cases, schedule cases) as the product splits a site's cases for the automatic
+    schedule (adapt.split_cases, then gate.divide_held_out); schedule cases None: too few cases,
+    the fixed fallback. The fixed schedule trains on every case."""
+    if config.schedule != "auto" or not train:
+        return train, None
+    from types import SimpleNamespace
+
+    from LymphNodeDGSTLib.adaptation.adapt import split_cases
+    from LymphNodeDGSTLib.adaptation.gate import divide_held_out
+
+    records = [SimpleNamespace(id=case.case_id, case=case) for case in train]
+    split = split_cases(records, None, seed)
+    if not split.held_out:
+        return train, None
+    return [r.case for r in split.training], [r.case for r in divide_held_out(split.evaluation, True).schedule]
+
+
 def run_suffix(config: BenchConfig, method: str) -> str:
-    """Run-id infix naming the shift (when not B) and selection-only."""
-    return ((f"-site{config.shift}" if config.shift != "B" else "")
+    """Run-id infix naming the shift (when not B), selection-only and the automatic schedule."""
+    return (("-auto" if config.schedule == "auto" else "")
+            + (f"-site{config.shift}" if config.shift != "B" else "")
             + ("-sel" if config.selection_only and method in SPARSE else ""))
 
 
@@ -279,11 +314,13 @@ def plan_runs(config: BenchConfig, foundation: Path, work: Path,
 
     def spec(part: str, method: str, shots: int, seed: int, train: list[CaseFile],
              evaluate: dict[str, list[CaseFile]]) -> RunSpec:
-        run_id = f"{part}{run_suffix(config, method)}-{method}-k{shots}-s{seed}"
+        run_id = f"{part}{run_suffix(config, method) if method != 'none' else ''}-{method}-k{shots}-s{seed}"
         settings = run_settings(config, method, seed, learning_rates.get(method, config.learning_rate))
+        train, schedule_cases = auto_split(config, train, seed)
         return RunSpec(run_id, part, method, shots, seed, str(foundation), train, evaluate, settings,
                        str(work / "runs" / run_id), str(work / "runs" / f"{run_id}.result.json"),
-                       config.device, attribution=config.attribution and method in SPARSE)
+                       config.device, attribution=config.attribution and method in SPARSE,
+                       schedule_cases=schedule_cases)
 
     phantom_eval = {phantom_target(shift): site_b_tests, "siteA": site_a_tests}
     sts_eval = {STS_TARGET: sts[1], "siteA": site_a_tests} if sts else {}

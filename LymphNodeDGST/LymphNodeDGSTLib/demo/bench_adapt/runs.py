@@ -61,14 +61,33 @@ def execute_run(spec: RunSpec) -> dict:
         row["rss_before_training_mb"] = round(peak_rss_mb(), 1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result = fine_tune(checkpoint, dataset, work / "training", settings, device)
+        if spec.schedule_cases:
+            from LymphNodeDGSTLib.adaptation.auto_schedule import auto_fine_tune
+            from LymphNodeDGSTLib.adaptation.schedule import AutoSchedule
+            from LymphNodeDGSTLib.engine.store.models import ModelVersion
+
+            parent = ModelVersion("foundation", 0, foundation, {})
+            result, record = auto_fine_tune(checkpoint, parent, dataset, work, settings, AutoSchedule(),
+                                            [(c.case_id, Path(c.image), Path(c.label)) for c in spec.schedule_cases],
+                                            device)
+            row["schedule"] = {"kind": "auto", "schedule_cases": [c.case_id for c in spec.schedule_cases],
+                               **{key: record[key] for key in ("chosen_rate", "probes", "curve", "iterations_run",
+                                                               "best_iteration", "best_dice", "stop_reason",
+                                                               "seconds")}}
+        else:
+            result = fine_tune(checkpoint, dataset, work / "training", settings, device)
+            row["schedule"] = {"kind": "fixed", "iterations": settings.iterations, "learning_rate": settings.lr}
         row["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if device.type == "cuda":
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        row.update(seconds=round(result.seconds, 2), seconds_per_iteration=round(result.seconds / settings.iterations, 3),
+        automatic = row["schedule"]["kind"] == "auto"
+        seconds = row["schedule"]["seconds"] if automatic else result.seconds   # probes and checks count
+        iterations = row["schedule"]["iterations_run"] if automatic else settings.iterations
+        row.update(seconds=round(seconds, 2), seconds_per_iteration=round(result.seconds / max(iterations, 1), 3),
                    weights_changed_share=result.weight_change["total"]["share"],
                    entries_updated_per_step_mean=result.step_summary.get("entries_updated_per_step_mean"),
-                   learning_rate=settings.lr, iterations=settings.iterations,
+                   learning_rate=row["schedule"]["chosen_rate"] if automatic else settings.lr,
+                   iterations=row["schedule"]["best_iteration"] if automatic else settings.iterations,
                    selection_only=settings.selection_only,
                    reselection_rate=result.step_summary.get("sparse_reselection_rate"),
                    picks_per_entry=result.step_summary.get("sparse_picks_per_entry"))
@@ -110,6 +129,8 @@ def _child_main(spec_path: str) -> int:
     data = json.loads(Path(spec_path).read_text())
     data["train"] = [CaseFile(**c) for c in data["train"]]
     data["evaluate"] = {name: [CaseFile(**c) for c in cases] for name, cases in data["evaluate"].items()}
+    if data.get("schedule_cases") is not None:
+        data["schedule_cases"] = [CaseFile(**c) for c in data["schedule_cases"]]
     spec = RunSpec(**data)
     row = execute_run(spec)
     Path(spec.result_path).write_text(json.dumps(row, indent=1))

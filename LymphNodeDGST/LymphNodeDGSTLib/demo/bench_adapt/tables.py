@@ -190,7 +190,9 @@ def write_reports(rows: list[dict], config: BenchConfig, output: Path, sts_skipp
         "# Adaptation benchmark",
         "",
         f"Machine: {machine_description(config.device)}. Date: {time.strftime('%Y-%m-%d %H:%M')}.",
-        f"Protocol: {config.iterations} iterations per fine-tune, learning rate {config.learning_rate_wording()}, gamma {config.gamma}; "
+        "Protocol: " + ("the automatic schedule (iterations and rate chosen per run)" if config.schedule == "auto"
+                        else f"{config.iterations} iterations per fine-tune")
+        + f", learning rate {config.learning_rate_wording()}, gamma {config.gamma}; "
         + (f"{config.seeds} seed(s) for the phantom part; " if config.phantoms else "")
         + "evaluation without mirroring"
         + (f"; images centre-cropped to {config.crop_zyx} (z, y, x) voxels" if config.crop_zyx else "") + ".",
