@@ -104,3 +104,24 @@ def test_cancelled_adaptation_under_a_launcher_leaves_no_process(installed_home,
     assert launcher_pid in process_tree._CHILDREN
     assert manager.cancel(job.id, timeout=20).state == "cancelled"
     assert_tree_ended_and_launcher_reaped(processes, launcher_pid)
+
+
+def test_a_worker_still_running_at_exit_prints_no_resource_warning(tmp_path):
+    """`lndgst demo` printed "ResourceWarning: subprocess N is still running" after its last line
+    (`dice_before=... dice_after=...`) when the job's worker had not exited yet. Catches dropping
+    the launched workers' Popen objects at interpreter exit without silencing that warning."""
+    import subprocess
+
+    script = (
+        "import subprocess, sys\n"
+        "from LymphNodeDGSTLib.jobs import process_tree\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3)'], start_new_session=True)\n"
+        "process_tree._CHILDREN[child.pid] = child\n"
+        "del child\n"
+        "print('last line')\n")
+    completed = subprocess.run([sys.executable, "-W", "default", "-c", script], capture_output=True,
+                               text=True, timeout=60, cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "LymphNodeDGST")})
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "last line"
+    assert "ResourceWarning" not in completed.stderr, completed.stderr

@@ -4,11 +4,13 @@ launcher such as torchrun and its children included), plus the environment a wor
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -26,6 +28,17 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 # that still answer "alive" to a signal 0.
 _CHILDREN: dict[int, subprocess.Popen] = {}
 _CHILDREN_LOCK = threading.Lock()
+
+
+@atexit.register
+def _release_children() -> None:
+    """Workers run in their own session and outlive the process that started them by design (a
+    job keeps running when Slicer or `lndgst` exits). Dropping their Popen objects at exit would
+    print "ResourceWarning: subprocess N is still running" after a command's last line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        with _CHILDREN_LOCK:
+            _CHILDREN.clear()
 
 
 # --------------------------------------------------------------------------- processes
