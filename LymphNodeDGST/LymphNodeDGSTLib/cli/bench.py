@@ -101,6 +101,8 @@ def handle(args: argparse.Namespace, home: Home) -> int:
         config.schedule = args.schedule
         if args.schedule == "auto" and (args.iterations is not None or args.lr is not None):
             raise UserInputError("--schedule auto chooses iterations and rate: drop --iterations and --lr")
+        if args.schedule == "auto":  # up to 4 probes and 500 iterations with checks: far past 40
+            config.run_timeout_s = 4 * 3600.0
     if args.crop:
         crop = _integers(args.crop, "--crop")
         if len(crop) != 3 or min(crop) < 16:

@@ -98,7 +98,9 @@ def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: 
     archive = benchmark_foundation()
     output = Path(output).resolve()
     work = output / "work"
-    runs_path = open_output(output, {"config": asdict(config), "foundation": str(archive)}, resume)
+    # a run's time limit changes no measurement: a resumed benchmark may raise it
+    runs_path = open_output(output, {"config": asdict(config), "foundation": str(archive)}, resume,
+                            extensible=("run_timeout_s",))
 
     started = time.perf_counter()
     store_root = work / "store"
