@@ -222,3 +222,33 @@ def test_bad_options_exit_2_before_any_work(arguments, message, tmp_path, capsys
                     + arguments) == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_more_seeds_on_resume_keep_the_measured_runs(tmp_path):
+    """Catches a benchmark extended by --seeds on --resume whose earlier seeds would change (cases or
+    settings that depend on the number of seeds, so old and new rows mix), or a resume that refuses
+    the extension or accepts a change that alters measurements (--iterations)."""
+    from dataclasses import asdict
+
+    from LymphNodeDGSTLib.demo.bench_adapt import RESUMABLE_CHANGES, open_output
+    from LymphNodeDGSTLib.errors import UserInputError
+
+    def planned(seeds: int) -> dict:
+        config = BenchConfig(methods=("none", "dgst"), shots=(3,), seeds=seeds, site_b_tests=1,
+                             site_a_tests=1, crop_zyx=(8, 32, 32), schedule="auto").validate()
+        runs = plan_runs(config, tmp_path / "model", tmp_path / f"work{seeds}", None, lambda _: None)
+        return config, {r.run_id: ([c.case_id for c in r.train + (r.schedule_cases or [])], r.settings,
+                                   {k: [c.case_id for c in v] for k, v in r.evaluate.items()}) for r in runs}
+
+    one, runs_one = planned(1)
+    two, runs_two = planned(2)
+    assert set(runs_one) < set(runs_two)
+    assert all(runs_two[run_id] == runs_one[run_id] for run_id in runs_one)
+    output = tmp_path / "out"
+    runs_path = open_output(output, {"config": asdict(one)}, resume=False, extensible=RESUMABLE_CHANGES)
+    runs_path.write_text('{"run_id": "phantom-none-k0-s0", "status": "ok"}\n')
+    open_output(output, {"config": asdict(two)}, resume=True, extensible=RESUMABLE_CHANGES)
+    assert "phantom-none-k0-s0" in runs_path.read_text()
+    two.iterations = 41
+    with pytest.raises(UserInputError, match="other settings"):
+        open_output(output, {"config": asdict(two)}, resume=True, extensible=RESUMABLE_CHANGES)

@@ -55,6 +55,9 @@ from LymphNodeDGSTLib.demo.bench_adapt.tables import _minutes, describe_row, rea
 # --------------------------------------------------------------------------------------------
 # The parent: the whole benchmark
 
+RESUMABLE_CHANGES = ("run_timeout_s", "seeds")
+
+
 def benchmark_foundation() -> Path:
     """The shipped demo model zip every benchmark adapts; a usage error when it is missing."""
     from LymphNodeDGSTLib.demo.demo_model import locate_demo_model
@@ -98,9 +101,10 @@ def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: 
     archive = benchmark_foundation()
     output = Path(output).resolve()
     work = output / "work"
-    # a run's time limit changes no measurement: a resumed benchmark may raise it
+    # a run's time limit changes no measurement, and a seed's cases depend only on that seed:
+    # a resumed benchmark may raise the limit or add seeds
     runs_path = open_output(output, {"config": asdict(config), "foundation": str(archive)}, resume,
-                            extensible=("run_timeout_s",))
+                            extensible=RESUMABLE_CHANGES)
 
     started = time.perf_counter()
     store_root = work / "store"
