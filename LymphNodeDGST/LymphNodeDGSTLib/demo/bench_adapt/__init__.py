@@ -34,7 +34,6 @@ import numpy as np
 
 from LymphNodeDGSTLib.errors import UserInputError
 from LymphNodeDGSTLib.demo.bench_adapt.plan import (BenchConfig, BenchOutputs, CONFIG_FILE, RUNS_FILE, RunSpec, Say, chosen_learning_rates, crop_case, plan_runs, plan_tuning, sts_cases)
-from LymphNodeDGSTLib.demo.bench_adapt.runs import run_in_child
 from LymphNodeDGSTLib.demo.bench_adapt.tables import _minutes, describe_row, read_rows, write_reports
 
 
@@ -160,6 +159,9 @@ def report_from_runs(output: Path) -> BenchOutputs:
 def _run_specs(plan: list[RunSpec], done: dict[str, dict], config: BenchConfig, runs_path: Path,
                started: float, say: Say) -> list[dict]:
     """Run what is not already done; every row in plan order (done ones reused)."""
+    # imported here: the package must not import `runs`, the child's `-m` entry point (runpy warns
+    # in every run log when a package has already imported the module it is asked to run)
+    from LymphNodeDGSTLib.demo.bench_adapt.runs import run_in_child
     rows = [done[spec.run_id] for spec in plan if spec.run_id in done]
     todo = [spec for spec in plan if spec.run_id not in done]
     iterations = ("iterations chosen by the schedule" if config.schedule == "auto"
