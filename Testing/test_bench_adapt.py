@@ -230,10 +230,10 @@ def test_more_seeds_on_resume_keep_the_measured_runs(tmp_path):
     the extension or accepts a change that alters measurements (--iterations)."""
     from dataclasses import asdict
 
-    from LymphNodeDGSTLib.demo.bench_adapt import RESUMABLE_CHANGES, open_output
+    from LymphNodeDGSTLib.demo.bench_adapt import EXTENSIBLE_SETTINGS, open_output
     from LymphNodeDGSTLib.errors import UserInputError
 
-    def planned(seeds: int) -> dict:
+    def planned(seeds: int) -> tuple[BenchConfig, dict]:
         config = BenchConfig(methods=("none", "dgst"), shots=(3,), seeds=seeds, site_b_tests=1,
                              site_a_tests=1, crop_zyx=(8, 32, 32), schedule="auto").validate()
         runs = plan_runs(config, tmp_path / "model", tmp_path / f"work{seeds}", None, lambda _: None)
@@ -245,10 +245,23 @@ def test_more_seeds_on_resume_keep_the_measured_runs(tmp_path):
     assert set(runs_one) < set(runs_two)
     assert all(runs_two[run_id] == runs_one[run_id] for run_id in runs_one)
     output = tmp_path / "out"
-    runs_path = open_output(output, {"config": asdict(one)}, resume=False, extensible=RESUMABLE_CHANGES)
+    runs_path = open_output(output, {"config": asdict(one)}, resume=False, extensible=EXTENSIBLE_SETTINGS)
     runs_path.write_text('{"run_id": "phantom-none-k0-s0", "status": "ok"}\n')
-    open_output(output, {"config": asdict(two)}, resume=True, extensible=RESUMABLE_CHANGES)
+    open_output(output, {"config": asdict(two)}, resume=True, extensible=EXTENSIBLE_SETTINGS)
     assert "phantom-none-k0-s0" in runs_path.read_text()
     two.iterations = 41
     with pytest.raises(UserInputError, match="other settings"):
-        open_output(output, {"config": asdict(two)}, resume=True, extensible=RESUMABLE_CHANGES)
+        open_output(output, {"config": asdict(two)}, resume=True, extensible=EXTENSIBLE_SETTINGS)
+
+
+def test_the_package_does_not_import_the_childs_entry_point():
+    """Catches `bench_adapt/__init__.py` importing `runs` at import time: the child is started as
+    `python -m ...bench_adapt.runs`, and runpy then writes a RuntimeWarning into every run log."""
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-c", "import sys, LymphNodeDGSTLib.demo.bench_adapt; "
+                                "print('LymphNodeDGSTLib.demo.bench_adapt.runs' in sys.modules)"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "False"

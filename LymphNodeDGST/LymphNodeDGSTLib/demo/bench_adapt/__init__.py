@@ -54,7 +54,9 @@ from LymphNodeDGSTLib.demo.bench_adapt.tables import _minutes, describe_row, rea
 # --------------------------------------------------------------------------------------------
 # The parent: the whole benchmark
 
-RESUMABLE_CHANGES = ("run_timeout_s", "seeds")
+# Settings that change no measurement (a run's time limit) or only add or drop runs (a seed's cases
+# depend only on that seed): a resumed benchmark may change these and keeps the runs it has.
+EXTENSIBLE_SETTINGS = ("run_timeout_s", "seeds")
 
 
 def benchmark_foundation() -> Path:
@@ -100,10 +102,8 @@ def run_benchmark(config: BenchConfig, output: Path, resume: bool = False, say: 
     archive = benchmark_foundation()
     output = Path(output).resolve()
     work = output / "work"
-    # a run's time limit changes no measurement, and a seed's cases depend only on that seed:
-    # a resumed benchmark may raise the limit or add seeds
     runs_path = open_output(output, {"config": asdict(config), "foundation": str(archive)}, resume,
-                            extensible=RESUMABLE_CHANGES)
+                            extensible=EXTENSIBLE_SETTINGS)
 
     started = time.perf_counter()
     store_root = work / "store"
