@@ -215,6 +215,10 @@ def test_auto_schedule_runs_split_the_site_cases_as_the_product_does(tmp_path):
     (["--tune-lr", "1e-2", "--lr", "1e-2"], "exclude each other"),
     (["--selection-only", "--methods", "none,norm"], "--selection-only"),
     (["--report-only"], "holds no benchmark"),
+    (["--rates", "1e-2,3e-2"], "need --schedule auto"),
+    (["--schedule", "auto", "--rates", "1e-2,x"], "--rates"),
+    (["--schedule", "auto", "--patience", "0"], "--patience"),
+    (["--schedule", "auto", "--probe-iterations", "30", "--max-iterations", "20"], "--max-iterations"),
 ])
 def test_bad_options_exit_2_before_any_work(arguments, message, tmp_path, capsys):
     output = tmp_path / "out"
@@ -252,6 +256,63 @@ def test_more_seeds_on_resume_keep_the_measured_runs(tmp_path):
     two.iterations = 41
     with pytest.raises(UserInputError, match="other settings"):
         open_output(output, {"config": asdict(two)}, resume=True, extensible=EXTENSIBLE_SETTINGS)
+
+
+def test_auto_settings_reach_the_schedule_of_every_auto_run(tmp_path, monkeypatch):
+    """Catches a variant of the automatic schedule (--rates, --probe-iterations, ...) that is lost
+    on the way to the child, so the child runs the product's defaults while the tables say
+    otherwise; and the fixed fallback (1 case) given schedule settings it does not use."""
+    from LymphNodeDGSTLib.adaptation import auto_schedule as auto_module
+    from LymphNodeDGSTLib.adaptation.schedule import AutoSchedule
+    from LymphNodeDGSTLib.demo.bench_adapt.runs import fine_tune_automatically
+
+    variant = {"rates": [1e-2, 3e-2], "probe_iterations": 5, "patience": 2}
+    config = BenchConfig(methods=("none", "dgst"), shots=(1, 3), seeds=1, site_b_tests=1, site_a_tests=1,
+                         crop_zyx=(8, 32, 32), schedule="auto", auto_settings=variant).validate()
+    plan = {r.run_id: r for r in plan_runs(config, tmp_path / "model", tmp_path / "work", None, lambda _: None)}
+    assert plan["phantom-auto-dgst-k1-s0"].auto_settings is None
+    run = plan["phantom-auto-dgst-k3-s0"]
+    assert run.auto_settings == variant
+    assert "patience 2" in config.learning_rate_wording()
+
+    used = []
+
+    def fake_auto_fine_tune(checkpoint, parent, dataset, work_dir, base, auto, cases, device):
+        used.append(auto)
+        return "result", {"chosen_rate": auto.rates[0], "probes": [], "curve": [], "iterations_run": 5,
+                          "best_iteration": 5, "best_dice": 0.5, "stop_reason": "no_improvement", "seconds": 1.0}
+
+    monkeypatch.setattr(auto_module, "auto_fine_tune", fake_auto_fine_tune)
+    result, schedule = fine_tune_automatically(run, {}, None, None, "cpu")
+    assert used[-1] == AutoSchedule(rates=(1e-2, 3e-2), probe_iterations=5, patience=2)
+    assert schedule["settings"]["rates"] == [1e-2, 3e-2] and schedule["settings"]["check_every"] == 20
+    default = BenchConfig(methods=("dgst",), shots=(3,), seeds=1, site_b_tests=1, site_a_tests=1,
+                          crop_zyx=(8, 32, 32), schedule="auto").validate()
+    fine_tune_automatically(plan_runs(default, tmp_path / "model", tmp_path / "w2", None, lambda _: None)[0],
+                            {}, None, None, "cpu")
+    assert used[-1] == AutoSchedule()
+
+
+def test_folders_measured_before_a_setting_existed_resume_only_at_its_default(tmp_path):
+    """Catches a resume that refuses every folder measured before `auto_settings` existed (their
+    config.json lacks the key), or one that lets a schedule variant resume such a folder."""
+    import json
+    from dataclasses import asdict
+
+    from LymphNodeDGSTLib.demo.bench_adapt import EXTENSIBLE_SETTINGS, open_output
+    from LymphNodeDGSTLib.errors import UserInputError
+
+    config = BenchConfig(methods=("none", "dgst"), shots=(3,), seeds=1, schedule="auto").validate()
+    output = tmp_path / "out"
+    open_output(output, {"config": asdict(config)}, resume=False, extensible=EXTENSIBLE_SETTINGS)
+    stored = json.loads((output / "config.json").read_text())
+    del stored["config"]["auto_settings"]           # as written before the setting existed
+    (output / "config.json").write_text(json.dumps(stored))
+    open_output(output, {"config": asdict(config)}, resume=True, extensible=EXTENSIBLE_SETTINGS)
+    (output / "config.json").write_text(json.dumps(stored))
+    config.auto_settings = {"patience": 2}
+    with pytest.raises(UserInputError, match="other settings"):
+        open_output(output, {"config": asdict(config)}, resume=True, extensible=EXTENSIBLE_SETTINGS)
 
 
 def test_the_package_does_not_import_the_childs_entry_point():

@@ -56,6 +56,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "at --lr for every run; auto: each run takes the product's default path (the "
                        "site's cases split as `lndgst adapt` splits them, the rate chosen by probes on "
                        "the held-out case(s), early stop, best checkpoint)")
+    adapt.add_argument("--rates", metavar="LRS", help="--schedule auto: the learning-rate grid the "
+                       "probes try (default: the product's, 3e-3,1e-2,3e-2,1e-1)")
+    for flag, what in (("--probe-iterations", "iterations of each rate probe"),
+                       ("--check-every", "iterations between held-out checks"),
+                       ("--patience", "checks without improvement before stopping"),
+                       ("--max-iterations", "the cap on the training run's iterations")):
+        adapt.add_argument(flag, type=int, help=f"--schedule auto: {what} (default: the product's)")
     adapt.add_argument("--crop", metavar="Z,Y,X", help="centre-crop every image to at most these voxels "
                        "(a cheaper protocol; the tables say so)")
     from LymphNodeDGSTLib.cli import bench_select
@@ -103,6 +110,12 @@ def handle(args: argparse.Namespace, home: Home) -> int:
             raise UserInputError("--schedule auto chooses iterations and rate: drop --iterations and --lr")
         if args.schedule == "auto":  # up to 4 probes and 500 iterations with checks: far past 40
             config.run_timeout_s = 4 * 3600.0
+    if args.rates is not None:
+        from LymphNodeDGSTLib.adaptation.schedule import parse_rates
+        config.auto_settings["rates"] = list(parse_rates(args.rates))
+    for name in ("probe_iterations", "check_every", "patience", "max_iterations"):
+        if getattr(args, name) is not None:
+            config.auto_settings[name] = getattr(args, name)
     if args.crop:
         crop = _integers(args.crop, "--crop")
         if len(crop) != 3 or min(crop) < 16:

@@ -57,6 +57,9 @@ from LymphNodeDGSTLib.demo.bench_adapt.tables import _minutes, describe_row, rea
 # Settings that change no measurement (a run's time limit) or only add or drop runs (a seed's cases
 # depend only on that seed): a resumed benchmark may change these and keeps the runs it has.
 EXTENSIBLE_SETTINGS = ("run_timeout_s", "seeds")
+# Settings added after benchmarks were measured, with the value that means what those measured:
+# a stored config.json without one of them compares as if it held this value.
+ADDED_SETTINGS = {"auto_settings": {}}
 
 
 def benchmark_foundation() -> Path:
@@ -73,7 +76,8 @@ def same_settings(stored: dict, wanted: dict, extensible: tuple[str, ...] = ()) 
     """True when two config documents' "config" entries agree, keys in `extensible` aside (settings
     that only add or drop runs, so a resumed benchmark may change them)."""
     def measured(document: dict) -> dict:
-        return {key: value for key, value in (document.get("config") or {}).items() if key not in extensible}
+        config = {**ADDED_SETTINGS, **(document.get("config") or {})}
+        return {key: value for key, value in config.items() if key not in extensible}
     return measured(stored) == measured(json.loads(json.dumps(wanted)))
 
 

@@ -25,6 +25,7 @@ SITE_B_TEST_SEED = 3000       # unseen site-B test phantoms (the same for every 
 SITE_A_TEST_SEED = 6000       # unseen site-A phantoms: forgetting (demo model: 1000.. and 5000..)
 STS_TRAIN = ("STS_002", "STS_008", "STS_012", "STS_019", "STS_024")  # the first five, sorted
 STS_TEST = ("STS_025", "STS_032", "STS_035", "STS_041", "STS_042")
+AUTO_SETTINGS = ("rates", "probe_iterations", "check_every", "patience", "max_iterations")  # may differ from the defaults
 RUNS_FILE = "runs.jsonl"
 CONFIG_FILE = "config.json"
 TABLE_FILE = "results.md"
@@ -67,6 +68,8 @@ class BenchConfig:
     validation_cases: int = 2            # held-out training-site phantoms scoring a tuning run
     schedule: str = "fixed"              # fixed: `iterations` at the rate; auto: the product's default
                                          # path (held-out split, rate probes, early stop, best kept)
+    auto_settings: dict = field(default_factory=dict)  # auto: AutoSchedule fields (AUTO_SETTINGS)
+                                         # other than the product's defaults
 
     def validate(self) -> "BenchConfig":
         unknown = [m for m in self.methods if m not in METHODS]
@@ -94,11 +97,20 @@ class BenchConfig:
             raise UserInputError(f"--schedule: choose auto or fixed, not {self.schedule!r}")
         if self.schedule == "auto" and (self.tune_lrs or self.attribution):
             raise UserInputError("--schedule auto chooses its own rate: drop --tune-lr and --attribution")
+        if self.auto_settings:
+            if self.schedule != "auto":
+                raise UserInputError("--rates, --probe-iterations, --check-every, --patience and "
+                                     "--max-iterations need --schedule auto")
+            auto_schedule(self.auto_settings)
         if self.selection_only and not any(m in SPARSE for m in self.methods):
             raise UserInputError(f"--selection-only needs a sparse method among --methods ({', '.join(SPARSE)})")
         return self
 
     def learning_rate_wording(self) -> str:
+        if self.schedule == "auto" and self.auto_settings:
+            changed = ", ".join(f"{key} {value}" for key, value in sorted(self.auto_settings.items()))
+            return ("chosen per run by the automatic schedule on the site's own held-out case(s), "
+                    f"with {changed} instead of the product's defaults (fewer than 3 cases: the fixed fallback)")
         if self.schedule == "auto":
             return ("chosen per run by the automatic schedule on the site's own held-out case(s) "
                     "(the product's default path; fewer than 3 cases: the fixed fallback)")
@@ -146,6 +158,7 @@ class RunSpec:
     device: str = "cpu"
     attribution: bool = False        # also Dice with conv / always-trained changes undone
     schedule_cases: list[CaseFile] | None = None  # auto schedule: the held-out cases choosing it
+    auto_settings: dict | None = None   # auto schedule: AutoSchedule fields other than the defaults
 
 
 @dataclass
@@ -236,6 +249,20 @@ def run_settings(config: BenchConfig, method: str, seed: int, learning_rate: flo
             "selection_only": config.selection_only and method in SPARSE}
 
 
+def auto_schedule(settings: dict | None):
+    """The AutoSchedule of a run: the product's defaults with `settings` (AutoSchedule fields) in
+    their place; a UserInputError for a field it does not have or a value it refuses."""
+    from LymphNodeDGSTLib.adaptation.schedule import AutoSchedule
+
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(AUTO_SETTINGS))
+    if unknown:
+        raise UserInputError(f"automatic schedule: no setting {', '.join(unknown)}")
+    if "rates" in settings:
+        settings["rates"] = tuple(settings["rates"])
+    return AutoSchedule(**settings).validate()
+
+
 def auto_split(config: BenchConfig, train: list[CaseFile], seed: int) -> tuple[list[CaseFile], list[CaseFile] | None]:
     """(training cases, schedule cases) as the product splits a site's cases for the automatic
     schedule (adapt.split_cases, then gate.divide_held_out); schedule cases None: too few cases,
@@ -320,7 +347,8 @@ def plan_runs(config: BenchConfig, foundation: Path, work: Path,
         return RunSpec(run_id, part, method, shots, seed, str(foundation), train, evaluate, settings,
                        str(work / "runs" / run_id), str(work / "runs" / f"{run_id}.result.json"),
                        config.device, attribution=config.attribution and method in SPARSE,
-                       schedule_cases=schedule_cases)
+                       schedule_cases=schedule_cases,
+                       auto_settings=dict(config.auto_settings) if schedule_cases else None)
 
     phantom_eval = {phantom_target(shift): site_b_tests, "siteA": site_a_tests}
     sts_eval = {STS_TARGET: sts[1], "siteA": site_a_tests} if sts else {}

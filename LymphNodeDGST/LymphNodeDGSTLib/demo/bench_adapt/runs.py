@@ -62,18 +62,7 @@ def execute_run(spec: RunSpec) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if spec.schedule_cases:
-            from LymphNodeDGSTLib.adaptation.auto_schedule import auto_fine_tune
-            from LymphNodeDGSTLib.adaptation.schedule import AutoSchedule
-            from LymphNodeDGSTLib.engine.store.models import ModelVersion
-
-            parent = ModelVersion("foundation", 0, foundation, {})
-            result, record = auto_fine_tune(checkpoint, parent, dataset, work, settings, AutoSchedule(),
-                                            [(c.case_id, Path(c.image), Path(c.label)) for c in spec.schedule_cases],
-                                            device)
-            row["schedule"] = {"kind": "auto", "schedule_cases": [c.case_id for c in spec.schedule_cases],
-                               **{key: record[key] for key in ("chosen_rate", "probes", "curve", "iterations_run",
-                                                               "best_iteration", "best_dice", "stop_reason",
-                                                               "seconds")}}
+            result, row["schedule"] = fine_tune_automatically(spec, checkpoint, dataset, settings, device)
         else:
             result = fine_tune(checkpoint, dataset, work / "training", settings, device)
             row["schedule"] = {"kind": "fixed", "iterations": settings.iterations, "learning_rate": settings.lr}
@@ -135,6 +124,26 @@ def _child_main(spec_path: str) -> int:
     row = execute_run(spec)
     Path(spec.result_path).write_text(json.dumps(row, indent=1))
     return 0
+
+
+def fine_tune_automatically(spec: RunSpec, checkpoint: dict, dataset, settings, device) -> tuple:
+    """The automatic schedule (its settings: the spec's, else the product's defaults) on the spec's
+    schedule cases: the fine-tune result and the row's `schedule` record."""
+    from LymphNodeDGSTLib.adaptation.auto_schedule import auto_fine_tune
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import auto_schedule
+    from LymphNodeDGSTLib.engine.store.models import ModelVersion
+
+    foundation = Path(spec.foundation)
+    auto = auto_schedule(spec.auto_settings)
+    result, record = auto_fine_tune(checkpoint, ModelVersion("foundation", 0, foundation, {}), dataset,
+                                    Path(spec.work), settings, auto,
+                                    [(c.case_id, Path(c.image), Path(c.label)) for c in spec.schedule_cases],
+                                    device)
+    schedule = {"kind": "auto", "schedule_cases": [c.case_id for c in spec.schedule_cases],
+                "settings": auto.describe(),
+                **{key: record[key] for key in ("chosen_rate", "probes", "curve", "iterations_run",
+                                                "best_iteration", "best_dice", "stop_reason", "seconds")}}
+    return result, schedule
 
 
 def run_in_child(spec: RunSpec, timeout_s: float) -> dict:
