@@ -11,6 +11,10 @@ best setting, chosen on the test phantoms: an optimistic reference, which is the
         --arm auto=OUT_AUTO:dgst --arm old=OUT_OLD:dgst-ema \
         --grid OUT_LR3e-3:dgst --grid OUT_LR1e-2:dgst --grid OUT_LR3e-2:dgst --grid OUT_LR1e-1:dgst \
         --reference auto
+
+Section 2 (methods under the automatic schedule): one arm per method, `--reference` once per
+method the others are compared with (dgst, norm, random). The table gives the mean share of
+weights changed and the site adapter's size estimated from it (`adapter_megabytes`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ sys.path.insert(0, str(REPO / "LymphNodeDGST"))
 
 from LymphNodeDGSTLib.demo.bench_paired import format_interval, mean_interval  # noqa: E402
 
+# The demo network's floating-point entries, each counted once (nnU-Net's aliases shared), as
+# `weight_change_summary` counts them: the denominator of a run's `weights_changed_share`.
+DEMO_NETWORK_ENTRIES = 1_116_006
+
+
+def adapter_megabytes(changed_share: float, entries: int) -> float:
+    """The site adapter's size estimated from the share of entries changed: per changed entry a
+    uint16 index gap and a float32 value (6 bytes), at most the dense tensors (4 bytes per entry).
+    An estimate: the real file chooses sparse or dense per tensor (engine/store/adapters.py)."""
+    return min(6 * changed_share * entries, 4 * entries) / 1e6
+
 
 def per_seed(folder: Path, method: str, shots: int, target: str) -> dict[int, dict]:
     """seed -> {"dice": mean target Dice over the test cases, "siteA": ..., "seconds": ...}."""
@@ -39,7 +54,8 @@ def per_seed(folder: Path, method: str, shots: int, target: str) -> dict[int, di
             found[row["seed"]] = {"dice": float(np.mean(row["dice"][target])),
                                   "siteA": float(np.mean(row["dice"]["siteA"])),
                                   "seconds": row["seconds"], "rate": row.get("learning_rate"),
-                                  "iterations": row.get("iterations")}
+                                  "iterations": row.get("iterations"),
+                                  "changed": row.get("weights_changed_share")}
     return found
 
 
@@ -56,13 +72,20 @@ def main() -> int:
                         "(together: the 'best fixed' arm)")
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--target", default="siteB")
-    parser.add_argument("--reference", help="label of the arm every other is compared with")
+    parser.add_argument("--reference", action="append", default=[],
+                        help="label of an arm every other is compared with (may repeat)")
+    parser.add_argument("--entries", type=int, default=DEMO_NETWORK_ENTRIES,
+                        help="floating-point entries of the network (adapter size estimate; default: "
+                             "the demo network's)")
     parser.add_argument("--none", type=Path, help="a folder holding the unadapted run (site-A retention)")
     args = parser.parse_args()
 
     arms: dict[str, dict[int, dict]] = {}
     for text in args.arm:
         label, folder, method = parse_arm(text)
+        if not (folder / "runs.jsonl").is_file():
+            print(f"arm {label}: {folder} holds no runs yet; left out")
+            continue
         arms[label] = per_seed(folder, method, args.shots, args.target)
     if args.grid:
         candidates = {}
@@ -80,20 +103,21 @@ def main() -> int:
     if args.none:
         rows = [json.loads(line) for line in (args.none / "runs.jsonl").read_text().splitlines() if line.strip()]
         unadapted_a = next(float(np.mean(r["dice"]["siteA"])) for r in rows if r["method"] == "none")
-    print("| arm | mean Dice | per seed | site-A Dice | training s (median) | rate; iterations (per seed) |")
-    print("|---|---|---|---|---|---|")
+    print("| arm | mean Dice | per seed | site-A Dice | training s (median) | weights changed | "
+          "adapter MB (est.) | rate; iterations (per seed) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, runs in arms.items():
         dice = [runs[s]["dice"] for s in seeds]
         site_a = np.mean([runs[s]["siteA"] for s in seeds])
         kept = f" ({site_a / unadapted_a:.1%} of unadapted)" if unadapted_a else ""
         print(f"| {label} | {np.mean(dice):.4f} | {', '.join(f'{d:.3f}' for d in dice)} | {site_a:.4f}{kept} | "
-              f"{np.median([runs[s]['seconds'] for s in seeds]):.0f} | "
+              f"{np.median([runs[s]['seconds'] for s in seeds]):.0f} | {changed_text(runs, seeds, args.entries)} | "
               + ", ".join(f"{runs[s]['rate']:g}; {runs[s]['iterations']}" for s in seeds) + " |")
-    if args.reference:
-        reference = arms[args.reference]
-        print(f"\nPaired over seeds, {args.reference} minus each arm (mean [95 % t interval]):\n")
+    for reference_label in args.reference:
+        reference = arms[reference_label]
+        print(f"\nPaired over seeds, {reference_label} minus each arm (mean [95 % t interval]):\n")
         for label, runs in arms.items():
-            if label == args.reference:
+            if label == reference_label:
                 continue
             differences = [reference[s]["dice"] - runs[s]["dice"] for s in seeds]
             mean, low, high = mean_interval(differences)
@@ -102,6 +126,15 @@ def main() -> int:
             print(f"- vs {label}: {format_interval(mean, low, high)}; wall time ratio {ratio:.2f}"
                   + ("" if not math.isnan(low) else " (one seed: no interval)"))
     return 0
+
+
+def changed_text(runs: dict[int, dict], seeds: list[int], entries: int) -> str:
+    """`0.83 % | 0.056` (mean share of weights changed | adapter MB), or `- | -` when not recorded."""
+    shares = [runs[s]["changed"] for s in seeds if runs[s].get("changed") is not None]
+    if not shares:
+        return "- | -"
+    share = float(np.mean(shares))
+    return f"{100 * share:.2f} % | {adapter_megabytes(share, entries):.3f}"
 
 
 if __name__ == "__main__":
