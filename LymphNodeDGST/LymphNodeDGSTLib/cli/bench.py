@@ -70,7 +70,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, home: Home) -> int:
-    from LymphNodeDGSTLib.demo.bench_adapt.plan import BenchConfig, smoke_config
+    from LymphNodeDGSTLib.demo.bench_adapt.plan import AUTO_SETTINGS, BenchConfig, smoke_config
     from LymphNodeDGSTLib.demo.bench_adapt import report_from_runs, run_benchmark
 
     if args.bench_command == "select":
@@ -113,8 +113,8 @@ def handle(args: argparse.Namespace, home: Home) -> int:
     if args.rates is not None:
         from LymphNodeDGSTLib.adaptation.schedule import parse_rates
         config.auto_settings["rates"] = list(parse_rates(args.rates))
-    for name in ("probe_iterations", "check_every", "patience", "max_iterations"):
-        if getattr(args, name) is not None:
+    for name in AUTO_SETTINGS:
+        if name != "rates" and getattr(args, name) is not None:
             config.auto_settings[name] = getattr(args, name)
     if args.crop:
         crop = _integers(args.crop, "--crop")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from LymphNodeDGSTLib.adaptation.schedule import AUTO_OPTIONS
 from LymphNodeDGSTLib.errors import UserInputError
 
 
@@ -25,7 +26,9 @@ SITE_B_TEST_SEED = 3000       # unseen site-B test phantoms (the same for every 
 SITE_A_TEST_SEED = 6000       # unseen site-A phantoms: forgetting (demo model: 1000.. and 5000..)
 STS_TRAIN = ("STS_002", "STS_008", "STS_012", "STS_019", "STS_024")  # the first five, sorted
 STS_TEST = ("STS_025", "STS_032", "STS_035", "STS_041", "STS_042")
-AUTO_SETTINGS = ("rates", "probe_iterations", "check_every", "patience", "max_iterations")  # may differ from the defaults
+# The automatic schedule's settings a benchmark may vary: `lndgst adapt`'s, except the time
+# budget (a budget would make a run's result depend on the machine's speed).
+AUTO_SETTINGS = tuple(name for name in AUTO_OPTIONS if name != "budget")
 RUNS_FILE = "runs.jsonl"
 CONFIG_FILE = "config.json"
 TABLE_FILE = "results.md"
@@ -250,17 +253,16 @@ def run_settings(config: BenchConfig, method: str, seed: int, learning_rate: flo
 
 
 def auto_schedule(settings: dict | None):
-    """The AutoSchedule of a run: the product's defaults with `settings` (AutoSchedule fields) in
-    their place; a UserInputError for a field it does not have or a value it refuses."""
-    from LymphNodeDGSTLib.adaptation.schedule import AutoSchedule
+    """The AutoSchedule of a run, made as `lndgst adapt` makes it from its request: the product's
+    defaults with `settings` (AUTO_SETTINGS) in their place; a UserInputError for a setting not
+    in AUTO_SETTINGS or a value the schedule refuses."""
+    from LymphNodeDGSTLib.adaptation.adapt import AdaptRequest
 
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(AUTO_SETTINGS))
     if unknown:
         raise UserInputError(f"automatic schedule: no setting {', '.join(unknown)}")
-    if "rates" in settings:
-        settings["rates"] = tuple(settings["rates"])
-    return AutoSchedule(**settings).validate()
+    return AdaptRequest(**settings).auto_schedule()
 
 
 def auto_split(config: BenchConfig, train: list[CaseFile], seed: int) -> tuple[list[CaseFile], list[CaseFile] | None]:
