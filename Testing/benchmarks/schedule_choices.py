@@ -25,13 +25,14 @@ from collections import Counter
 from pathlib import Path
 
 
-def auto_rows(folder: Path, method: str) -> list[dict]:
+def schedule_rows(folder: Path, method: str, kind: str) -> list[dict]:
+    """The finished runs of `method` in a bench output folder whose schedule is `kind` (auto, fixed)."""
     path = folder / "runs.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("status") == "ok" and r["method"] == method
-            and (r.get("schedule") or {}).get("kind") == "auto"]
+            and (r.get("schedule") or {}).get("kind") == kind]
 
 
 def fixed_dice(arms: list[str]) -> dict[tuple[str, int], dict[float, float]]:
@@ -39,12 +40,8 @@ def fixed_dice(arms: list[str]) -> dict[tuple[str, int], dict[float, float]]:
     found: dict[tuple[str, int], dict[float, float]] = {}
     for arm in arms:
         folder, _, method = arm.rpartition(":")
-        path = Path(folder) / "runs.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-        for row in rows:
-            if row.get("status") == "ok" and row["method"] == method \
-                    and (row.get("schedule") or {}).get("kind") == "fixed":
-                found.setdefault((method, row["seed"]), {})[row["learning_rate"]] = target_dice(row)
+        for row in schedule_rows(Path(folder), method, "fixed"):
+            found.setdefault((method, row["seed"]), {})[row["learning_rate"]] = target_dice(row)
     return found
 
 
@@ -68,7 +65,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for arm in args.arms:
         folder, _, method = arm.rpartition(":")
-        for row in sorted(auto_rows(Path(folder), method), key=lambda r: r["seed"]):
+        for row in sorted(schedule_rows(Path(folder), method, "auto"), key=lambda r: r["seed"]):
             schedule = row["schedule"]
             probes = schedule["probes"]
             length = (schedule.get("settings") or {}).get("probe_iterations", 20)
